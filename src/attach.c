@@ -1,0 +1,569 @@
+/*-------------------------------------------------------------------------
+ *
+ * attach.c
+ *		portal_sync.attach() and portal_sync.detach().
+ *
+ * attach() checks everything about a table before it changes anything,
+ * then, in the caller's transaction, records the settings in
+ * portal_sync.source and creates the capture triggers.  The triggers
+ * depend on the columns that portal_sync reads, so those columns cannot be
+ * dropped or retyped under it; renaming them is harmless because settings
+ * are kept by attribute number and analyzed expression.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/catalog.h"
+#include "catalog/dependency.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_index.h"
+#include "catalog/pg_trigger.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "nodes/nodeFuncs.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+
+#include "portal_sync.h"
+
+PG_FUNCTION_INFO_V1(portal_sync_attach);
+PG_FUNCTION_INFO_V1(portal_sync_detach);
+
+/* The capture triggers, one per event: transition tables allow no more. */
+typedef struct CaptureTrigger
+{
+	const char *name;
+	const char *definition;		/* after "CREATE TRIGGER name AFTER " */
+} CaptureTrigger;
+
+static const CaptureTrigger capture_triggers[] = {
+	{"portal_sync_capture_insert",
+	"INSERT ON %s REFERENCING NEW TABLE AS portal_sync_new"},
+	{"portal_sync_capture_update",
+	"UPDATE ON %s REFERENCING OLD TABLE AS portal_sync_old NEW TABLE AS portal_sync_new"},
+	{"portal_sync_capture_delete",
+	"DELETE ON %s REFERENCING OLD TABLE AS portal_sync_old"},
+	{"portal_sync_capture_truncate",
+	"TRUNCATE ON %s"},
+};
+
+/* What attach() was asked, checked. */
+typedef struct AttachRequest
+{
+	Oid			relid;
+	char	   *qualified_name;
+	SourceKind	kind;
+	const char *kind_name;
+	char	   *name;
+	AttrNumber	patient_attnum;
+	AttrNumber	key_attnum;
+	AttrNumber	date_attnum;
+	AttrNumber	privacy_attnum;
+	char	   *share_when_text;
+	Node	   *share_when;
+	char	   *enroll_when_text;
+	Node	   *enroll_when;
+} AttachRequest;
+
+/*
+ * Attribute number of a named column of the table, which must exist.
+ */
+static AttrNumber
+required_column(Relation rel, const char *column, const char *argname)
+{
+	AttrNumber	attnum = get_attnum(RelationGetRelid(rel), column);
+
+	if (attnum == InvalidAttrNumber || attnum < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of relation \"%s\" does not exist",
+						column, RelationGetRelationName(rel)),
+				 errdetail("It was given as %s.", argname)));
+	return attnum;
+}
+
+/*
+ * The base type of a column, looking through domains.
+ */
+static Oid
+column_base_type(Relation rel, AttrNumber attnum)
+{
+	return getBaseType(TupleDescAttr(RelationGetDescr(rel), attnum - 1)->atttypid);
+}
+
+/*
+ * Is there a valid, immediate, non-partial unique index on exactly this
+ * column?  Delivery finds a row again by its key, so it must name one row.
+ */
+static bool
+column_has_unique_index(Relation rel, AttrNumber attnum)
+{
+	List	   *indexes = RelationGetIndexList(rel);
+	ListCell   *lc;
+	bool		found = false;
+
+	foreach(lc, indexes)
+	{
+		HeapTuple	tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
+		Form_pg_index index;
+
+		if (!HeapTupleIsValid(tuple))
+			continue;
+		index = (Form_pg_index) GETSTRUCT(tuple);
+		if (index->indisunique && index->indisvalid && index->indimmediate &&
+			index->indnkeyatts == 1 && index->indkey.values[0] == attnum &&
+			heap_attisnull(tuple, Anum_pg_index_indpred, NULL))
+			found = true;
+		ReleaseSysCache(tuple);
+		if (found)
+			break;
+	}
+	list_free(indexes);
+	return found;
+}
+
+/*
+ * Is there an index whose first column is this one?  Delivery looks up a
+ * patient's rows by it when it builds a snapshot.
+ */
+static bool
+column_leads_an_index(Relation rel, AttrNumber attnum)
+{
+	List	   *indexes = RelationGetIndexList(rel);
+	ListCell   *lc;
+	bool		found = false;
+
+	foreach(lc, indexes)
+	{
+		HeapTuple	tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
+
+		if (!HeapTupleIsValid(tuple))
+			continue;
+		found = ((Form_pg_index) GETSTRUCT(tuple))->indkey.values[0] == attnum;
+		ReleaseSysCache(tuple);
+		if (found)
+			break;
+	}
+	list_free(indexes);
+	return found;
+}
+
+/*
+ * The single column of the table's primary key, the default key_col.
+ */
+static AttrNumber
+primary_key_column(Relation rel)
+{
+	Oid			pk = RelationGetPrimaryKeyIndex(rel);
+	HeapTuple	tuple;
+	AttrNumber	attnum = InvalidAttrNumber;
+
+	if (OidIsValid(pk))
+	{
+		tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(pk));
+		if (HeapTupleIsValid(tuple))
+		{
+			Form_pg_index index = (Form_pg_index) GETSTRUCT(tuple);
+
+			if (index->indnkeyatts == 1)
+				attnum = index->indkey.values[0];
+			ReleaseSysCache(tuple);
+		}
+	}
+	if (attnum == InvalidAttrNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
+				 errmsg("relation \"%s\" has no single-column primary key",
+						RelationGetRelationName(rel)),
+				 errhint("Give key_col, a column with a unique index.")));
+	return attnum;
+}
+
+/*
+ * Check that the relation can be attached by the current user.
+ */
+static void
+check_relation(Relation rel)
+{
+	Form_pg_class form = RelationGetForm(rel);
+
+	if (form->relkind != RELKIND_RELATION &&
+		form->relkind != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is not a table", RelationGetRelationName(rel)),
+				 errdetail("Only tables and partitioned tables can be attached.")));
+	if (form->relispartition)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is a partition", RelationGetRelationName(rel)),
+				 errhint("Attach the partitioned table instead.")));
+	if (form->relpersistence == RELPERSISTENCE_TEMP)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is a temporary table", RelationGetRelationName(rel)),
+				 errdetail("The delivery worker cannot read another session's temporary tables.")));
+	if (IsCatalogRelation(rel) ||
+		strcmp(get_namespace_name(RelationGetNamespace(rel)), PORTAL_SYNC_SCHEMA) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" cannot be attached", RelationGetRelationName(rel)),
+				 errdetail("System catalogs and portal_sync's own tables cannot be attached.")));
+	if (!pg_class_ownercheck(RelationGetRelid(rel), GetUserId()))
+		aclcheck_error(ACLCHECK_NOT_OWNER, get_relkind_objtype(form->relkind),
+					   RelationGetRelationName(rel));
+}
+
+/*
+ * Check every argument of attach(), filling the request.  Nothing is
+ * changed yet.
+ */
+static void
+check_attach_request(Relation rel, FunctionCallInfo fcinfo, AttachRequest *req)
+{
+	Oid			type;
+
+	check_relation(rel);
+	req->relid = RelationGetRelid(rel);
+	req->qualified_name =
+		quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+								   RelationGetRelationName(rel));
+
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("kind and patient_col must be given")));
+
+	req->kind_name = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	if (!source_kind_from_name(req->kind_name, &req->kind))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown kind \"%s\"", req->kind_name),
+				 errhint("The kinds are appointment, ccda, note, pin, insurance, clinical and patient.")));
+
+	req->patient_attnum = required_column(rel, NameStr(*PG_GETARG_NAME(2)), "patient_col");
+
+	if (PG_ARGISNULL(3))
+		req->key_attnum = primary_key_column(rel);
+	else
+	{
+		req->key_attnum = required_column(rel, NameStr(*PG_GETARG_NAME(3)), "key_col");
+		if (!column_has_unique_index(rel, req->key_attnum))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
+					 errmsg("key_col \"%s\" has no unique index of its own",
+							NameStr(*PG_GETARG_NAME(3))),
+					 errhint("A key column must identify one row: create a unique index on it alone.")));
+	}
+
+	req->date_attnum = InvalidAttrNumber;
+	if (!PG_ARGISNULL(4))
+	{
+		req->date_attnum = required_column(rel, NameStr(*PG_GETARG_NAME(4)), "date_col");
+		type = column_base_type(rel, req->date_attnum);
+		if (type != DATEOID && type != TIMESTAMPOID && type != TIMESTAMPTZOID)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATATYPE_MISMATCH),
+					 errmsg("date_col \"%s\" must be of type date or timestamp, not %s",
+							NameStr(*PG_GETARG_NAME(4)), format_type_be(type))));
+	}
+
+	req->privacy_attnum = InvalidAttrNumber;
+	if (!PG_ARGISNULL(5))
+	{
+		req->privacy_attnum = required_column(rel, NameStr(*PG_GETARG_NAME(5)), "privacy_col");
+		type = column_base_type(rel, req->privacy_attnum);
+		if (type != INT2OID && type != INT4OID && type != INT8OID)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATATYPE_MISMATCH),
+					 errmsg("privacy_col \"%s\" must be an integer column, not %s",
+							NameStr(*PG_GETARG_NAME(5)), format_type_be(type))));
+	}
+
+	req->share_when_text = PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6));
+	if (req->share_when_text != NULL)
+		req->share_when = rule_expr_compile(rel, req->share_when_text, "share_when");
+
+	req->enroll_when_text = PG_ARGISNULL(7) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(7));
+	if (req->enroll_when_text != NULL)
+	{
+		if (!source_kind_enrolls(req->kind))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("enroll_when does not apply to kind \"%s\"", req->kind_name),
+					 errhint("Only appointment, ccda, note and pin rows are initiating events.")));
+		req->enroll_when = rule_expr_compile(rel, req->enroll_when_text, "enroll_when");
+	}
+
+	req->name = PG_ARGISNULL(8) ? pstrdup(RelationGetRelationName(rel))
+		: text_to_cstring(PG_GETARG_TEXT_PP(8));
+	if (req->name[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("name must not be empty")));
+
+	if (!column_leads_an_index(rel, req->patient_attnum))
+		ereport(WARNING,
+				(errmsg("patient_col \"%s\" of \"%s\" has no index",
+						get_attname(req->relid, req->patient_attnum, false),
+						RelationGetRelationName(rel)),
+				 errhint("Snapshots read a patient's rows by it: CREATE INDEX ON %s (%s).",
+						 req->qualified_name,
+						 quote_identifier(get_attname(req->relid, req->patient_attnum, false)))));
+}
+
+/*
+ * Run one statement through SPI with parameters; the caller is connected.
+ */
+static void
+execute_with_args(const char *sql, int nargs, Oid *types, Datum *values,
+				  const char *nulls, int expected)
+{
+	int			ret = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
+
+	if (ret != expected)
+		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * Refuse a name that another attached table uses on the wire.
+ */
+static void
+check_name_is_free(AttachRequest *req)
+{
+	Oid			types[2] = {TEXTOID, OIDOID};
+	Datum		values[2] = {CStringGetTextDatum(req->name), ObjectIdGetDatum(req->relid)};
+
+	execute_with_args("SELECT relid::pg_catalog.regclass::pg_catalog.text"
+					  " FROM portal_sync.source WHERE name = $1 AND relid <> $2",
+					  2, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("source name \"%s\" is already used by %s", req->name,
+						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1)),
+				 errhint("Give another name with the name argument.")));
+}
+
+/*
+ * Insert or replace the table's row of portal_sync.source.
+ */
+static void
+store_source(AttachRequest *req)
+{
+	Oid			types[11] = {OIDOID, TEXTOID, TEXTOID, INT2OID, INT2OID, INT2OID,
+	INT2OID, TEXTOID, PG_NODE_TREEOID, TEXTOID, PG_NODE_TREEOID};
+	Datum		values[11];
+	char		nulls[12] = "           ";
+
+	values[0] = ObjectIdGetDatum(req->relid);
+	values[1] = CStringGetTextDatum(req->kind_name);
+	values[2] = CStringGetTextDatum(req->name);
+	values[3] = Int16GetDatum(req->patient_attnum);
+	values[4] = Int16GetDatum(req->key_attnum);
+	values[5] = Int16GetDatum(req->date_attnum);
+	values[6] = Int16GetDatum(req->privacy_attnum);
+	if (req->date_attnum == InvalidAttrNumber)
+		nulls[5] = 'n';
+	if (req->privacy_attnum == InvalidAttrNumber)
+		nulls[6] = 'n';
+	if (req->share_when != NULL)
+	{
+		values[7] = CStringGetTextDatum(req->share_when_text);
+		values[8] = CStringGetTextDatum(nodeToString(req->share_when));
+	}
+	else
+		nulls[7] = nulls[8] = 'n';
+	if (req->enroll_when != NULL)
+	{
+		values[9] = CStringGetTextDatum(req->enroll_when_text);
+		values[10] = CStringGetTextDatum(nodeToString(req->enroll_when));
+	}
+	else
+		nulls[9] = nulls[10] = 'n';
+
+	execute_with_args("INSERT INTO portal_sync.source AS s (relid, kind, name,"
+					  "  patient_attnum, key_attnum, date_attnum, privacy_attnum,"
+					  "  share_when_text, share_when, enroll_when_text, enroll_when)"
+					  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+					  " ON CONFLICT (relid) DO UPDATE SET kind = excluded.kind,"
+					  "  name = excluded.name, patient_attnum = excluded.patient_attnum,"
+					  "  key_attnum = excluded.key_attnum, date_attnum = excluded.date_attnum,"
+					  "  privacy_attnum = excluded.privacy_attnum,"
+					  "  share_when_text = excluded.share_when_text,"
+					  "  share_when = excluded.share_when,"
+					  "  enroll_when_text = excluded.enroll_when_text,"
+					  "  enroll_when = excluded.enroll_when,"
+					  "  attached_at = pg_catalog.now()",
+					  11, types, values, nulls, SPI_OK_INSERT);
+}
+
+/*
+ * Drop the capture triggers of a table, those that exist.
+ */
+static void
+drop_capture_triggers(Oid relid, const char *qualified_name)
+{
+	for (int i = 0; i < lengthof(capture_triggers); i++)
+	{
+		char	   *sql;
+
+		if (!OidIsValid(get_trigger_oid(relid, capture_triggers[i].name, true)))
+			continue;
+		sql = psprintf("DROP TRIGGER %s ON %s",
+					   quote_identifier(capture_triggers[i].name),
+					   qualified_name);
+		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "dropping trigger %s failed", capture_triggers[i].name);
+	}
+}
+
+/*
+ * Make the insert trigger depend on every column portal_sync reads, so that
+ * they cannot be dropped or retyped while the table is attached.
+ */
+static void
+record_column_dependencies(AttachRequest *req)
+{
+	ObjectAddress trigger;
+	AttrNumber	columns[4] = {req->patient_attnum, req->key_attnum,
+	req->date_attnum, req->privacy_attnum};
+
+	ObjectAddressSet(trigger, TriggerRelationId,
+					 get_trigger_oid(req->relid, capture_triggers[0].name, false));
+
+	for (int i = 0; i < lengthof(columns); i++)
+	{
+		ObjectAddress column;
+
+		if (columns[i] == InvalidAttrNumber)
+			continue;
+		ObjectAddressSubSet(column, RelationRelationId, req->relid, columns[i]);
+		recordDependencyOn(&trigger, &column, DEPENDENCY_NORMAL);
+	}
+	if (req->share_when != NULL)
+		recordDependencyOnSingleRelExpr(&trigger, req->share_when, req->relid,
+										DEPENDENCY_NORMAL, DEPENDENCY_NORMAL, false);
+	if (req->enroll_when != NULL)
+		recordDependencyOnSingleRelExpr(&trigger, req->enroll_when, req->relid,
+										DEPENDENCY_NORMAL, DEPENDENCY_NORMAL, false);
+}
+
+/*
+ * Create the capture triggers of a table.
+ */
+static void
+create_capture_triggers(AttachRequest *req)
+{
+	for (int i = 0; i < lengthof(capture_triggers); i++)
+	{
+		char	   *event = psprintf(capture_triggers[i].definition, req->qualified_name);
+		char	   *sql = psprintf("CREATE TRIGGER %s AFTER %s FOR EACH STATEMENT"
+								   " EXECUTE FUNCTION portal_sync.capture()",
+								   quote_identifier(capture_triggers[i].name), event);
+
+		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "creating trigger %s failed", capture_triggers[i].name);
+	}
+	CommandCounterIncrement();
+	record_column_dependencies(req);
+}
+
+/*
+ * portal_sync.attach(source regclass, kind text, patient_col name,
+ *					  key_col name, date_col name, privacy_col name,
+ *					  share_when text, enroll_when text, name text)
+ *
+ * Attach (or re-attach, replacing its settings) an EHR table.
+ */
+Datum
+portal_sync_attach(PG_FUNCTION_ARGS)
+{
+	AttachRequest req;
+	Relation	rel;
+	ExtensionOwnerContext owner;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("source must be given")));
+
+	memset(&req, 0, sizeof(req));
+	rel = table_open(PG_GETARG_OID(0), ShareRowExclusiveLock);
+	check_attach_request(rel, fcinfo, &req);
+
+	become_extension_owner(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	check_name_is_free(&req);
+	store_source(&req);
+	drop_capture_triggers(req.relid, req.qualified_name);
+	create_capture_triggers(&req);
+
+	SPI_finish();
+	restore_user(&owner);
+
+	CacheInvalidateRelcache(rel);
+	table_close(rel, NoLock);
+	PG_RETURN_VOID();
+}
+
+/*
+ * portal_sync.detach(source regclass)
+ *
+ * Stop capturing a table: drop its triggers, its settings and the events
+ * of it that were not sent yet.
+ */
+Datum
+portal_sync_detach(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Relation	rel = table_open(relid, ShareRowExclusiveLock);
+	ExtensionOwnerContext owner;
+	Oid			types[1] = {OIDOID};
+	Datum		values[1] = {ObjectIdGetDatum(relid)};
+	char	   *qualified_name;
+	bool		isnull;
+
+	if (!pg_class_ownercheck(relid, GetUserId()))
+		aclcheck_error(ACLCHECK_NOT_OWNER, get_relkind_objtype(rel->rd_rel->relkind),
+					   RelationGetRelationName(rel));
+	qualified_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+												RelationGetRelationName(rel));
+
+	become_extension_owner(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	execute_with_args("DELETE FROM portal_sync.source WHERE relid = $1 RETURNING source_id",
+					  1, types, values, NULL, SPI_OK_DELETE_RETURNING);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("\"%s\" is not attached to portal_sync", RelationGetRelationName(rel))));
+
+	types[0] = INT4OID;
+	values[0] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	execute_with_args("DELETE FROM portal_sync.outbox WHERE source_id = $1",
+					  1, types, values, NULL, SPI_OK_DELETE);
+	drop_capture_triggers(relid, qualified_name);
+
+	SPI_finish();
+	restore_user(&owner);
+
+	CacheInvalidateRelcache(rel);
+	table_close(rel, NoLock);
+	PG_RETURN_VOID();
+}

@@ -1,0 +1,494 @@
+/*-------------------------------------------------------------------------
+ *
+ * capture.c
+ *		The trigger function that records changes of attached tables.
+ *
+ * attach() puts AFTER ... FOR EACH STATEMENT triggers with transition
+ * tables on the EHR's table.  For each statement the function walks the
+ * changed rows once and writes one outbox row per (patient, operation)
+ * holding the keys of the rows that changed, so a bulk statement costs a
+ * handful of outbox rows per patient instead of one per row.  It records
+ * only which rows changed, never their content: delivery reads each row
+ * as it is when it is sent.
+ *
+ * Which patients' changes are recorded depends on the kind of source:
+ * insurance always; other kinds only for enrolled patients.  Rows of the
+ * enrolling kinds (appointment, ccda, note, pin) enroll their patient when
+ * they are inserted satisfying enroll_when, or updated from not satisfying
+ * it to satisfying it.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "commands/trigger.h"
+#include "executor/executor.h"
+#include "executor/spi.h"
+#include "utils/builtins.h"
+#include "common/hashfn.h"
+#include "miscadmin.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/tuplestore.h"
+
+#include "portal_sync.h"
+
+PG_FUNCTION_INFO_V1(portal_sync_capture);
+
+/* Most keys in one outbox row. */
+#define KEYS_PER_OUTBOX_ROW		500
+
+/* Most keys held in memory by one statement before they are written. */
+#define KEYS_PER_STATEMENT_BUFFER	50000
+
+/* Keys of one patient waiting to be written under one operation. */
+typedef struct PendingKeys
+{
+	int			nkeys;
+	int			maxkeys;
+	Datum	   *keys;
+} PendingKeys;
+
+/* What one statement knows of one patient. */
+typedef struct PatientEntry
+{
+	char	   *patient_id;		/* hash key: a pointer to the string */
+	bool		queued;			/* are this patient's changes recorded? */
+	PendingKeys changed;		/* keys under the statement's operation */
+	PendingKeys moved_away;		/* keys that left the patient (as deletes) */
+} PatientEntry;
+
+/* The state of one run of the trigger function. */
+typedef struct CaptureState
+{
+	SourceConfig *config;
+	char		op;				/* operation of the statement */
+	HTAB	   *patients;
+	OutboxWriter *writer;
+	int64		buffered_keys;
+	int64		skipped_rows;
+	EState	   *estate;			/* for enroll_when */
+	ExprState  *enroll_when;
+	ExprContext *econtext;
+} CaptureState;
+
+/*
+ * Hash and match functions for the patient table: keys are pointers to
+ * strings copied into the statement's memory.
+ */
+static uint32
+patient_hash(const void *key, Size keysize)
+{
+	const char *patient_id = *(char *const *) key;
+
+	return string_hash(patient_id, strlen(patient_id) + 1);
+}
+
+static int
+patient_match(const void *key1, const void *key2, Size keysize)
+{
+	return strcmp(*(char *const *) key1, *(char *const *) key2);
+}
+
+/*
+ * Write the pending keys of one patient and operation as one outbox row.
+ */
+static void
+flush_pending_keys(CaptureState *state, PatientEntry *entry,
+				   PendingKeys *pending, char op)
+{
+	if (pending->nkeys == 0)
+		return;
+	outbox_writer_add(state->writer, entry->patient_id,
+					  state->config->source_id, op,
+					  pending->keys, pending->nkeys);
+	state->buffered_keys -= pending->nkeys;
+	pending->nkeys = 0;
+}
+
+/*
+ * Write every patient's pending keys.
+ */
+static void
+flush_all_pending_keys(CaptureState *state)
+{
+	HASH_SEQ_STATUS status;
+	PatientEntry *entry;
+
+	hash_seq_init(&status, state->patients);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		flush_pending_keys(state, entry, &entry->moved_away, OUTBOX_OP_DELETE);
+		flush_pending_keys(state, entry, &entry->changed, state->op);
+	}
+}
+
+/*
+ * Remember one key for a patient, writing a full outbox row when there are
+ * KEYS_PER_OUTBOX_ROW of them, and everything when the statement holds too
+ * many keys in memory.
+ */
+static void
+add_pending_key(CaptureState *state, PatientEntry *entry, bool moved_away,
+				const char *key)
+{
+	PendingKeys *pending = moved_away ? &entry->moved_away : &entry->changed;
+
+	if (pending->nkeys == pending->maxkeys)
+	{
+		pending->maxkeys = pending->maxkeys == 0 ? 8 : pending->maxkeys * 2;
+		if (pending->keys == NULL)
+			pending->keys = palloc(pending->maxkeys * sizeof(Datum));
+		else
+			pending->keys = repalloc(pending->keys, pending->maxkeys * sizeof(Datum));
+	}
+	pending->keys[pending->nkeys++] = CStringGetTextDatum(key);
+	state->buffered_keys++;
+
+	if (pending->nkeys >= KEYS_PER_OUTBOX_ROW)
+		flush_pending_keys(state, entry, pending,
+						   moved_away ? OUTBOX_OP_DELETE : state->op);
+	else if (state->buffered_keys >= KEYS_PER_STATEMENT_BUFFER)
+		flush_all_pending_keys(state);
+}
+
+/*
+ * Find or create the statement's entry for a patient, deciding on first
+ * sight whether the patient's changes are recorded.
+ */
+static PatientEntry *
+lookup_patient(CaptureState *state, char *patient_id)
+{
+	PatientEntry *entry;
+	bool		found;
+
+	entry = hash_search(state->patients, &patient_id, HASH_ENTER, &found);
+	if (!found)
+	{
+		entry->patient_id = patient_id;
+		memset(&entry->changed, 0, sizeof(PendingKeys));
+		memset(&entry->moved_away, 0, sizeof(PendingKeys));
+		entry->queued = state->config->kind == SOURCE_INSURANCE ||
+			patient_is_enrolled(patient_id);
+	}
+	return entry;
+}
+
+/*
+ * Does the row in the slot satisfy the source's enroll_when?  A NULL
+ * result counts as false, like a WHERE clause.
+ */
+static bool
+row_satisfies_enroll_when(CaptureState *state, TupleTableSlot *slot)
+{
+	bool		isnull;
+	Datum		result;
+
+	if (state->enroll_when == NULL)
+		return true;
+
+	state->econtext->ecxt_scantuple = slot;
+	result = ExecEvalExprSwitchContext(state->enroll_when, state->econtext, &isnull);
+	ResetExprContext(state->econtext);
+	return !isnull && DatumGetBool(result);
+}
+
+/*
+ * The text form of a column of the row, or NULL if it is NULL.
+ */
+static char *
+column_text(TupleTableSlot *slot, AttrNumber attnum, FmgrInfo *output)
+{
+	bool		isnull;
+	Datum		value = slot_getattr(slot, attnum, &isnull);
+
+	if (isnull)
+		return NULL;
+	return OutputFunctionCall(output, value);
+}
+
+/*
+ * Record one changed row.  new_slot is NULL for a delete, old_slot NULL for
+ * an insert; an update passes both, so that a row that moved to another
+ * patient, or changed its key, is also reported gone where it was.
+ */
+static void
+capture_row(CaptureState *state, TupleTableSlot *old_slot, TupleTableSlot *new_slot)
+{
+	SourceConfig *config = state->config;
+	char	   *old_patient = NULL;
+	char	   *old_key = NULL;
+	char	   *new_patient = NULL;
+	char	   *new_key = NULL;
+
+	if (old_slot != NULL)
+	{
+		old_patient = column_text(old_slot, config->patient_attnum, &config->patient_output);
+		old_key = column_text(old_slot, config->key_attnum, &config->key_output);
+		if (old_key == NULL)
+			old_patient = NULL;
+	}
+	if (new_slot != NULL)
+	{
+		new_patient = column_text(new_slot, config->patient_attnum, &config->patient_output);
+		new_key = column_text(new_slot, config->key_attnum, &config->key_output);
+		if (new_key == NULL)
+			new_patient = NULL;
+	}
+
+	if (new_patient == NULL && old_patient == NULL)
+	{
+		state->skipped_rows++;
+		return;
+	}
+
+	if (new_patient != NULL)
+	{
+		PatientEntry *entry = lookup_patient(state, new_patient);
+
+		if (!entry->queued && source_kind_enrolls(config->kind) &&
+			row_satisfies_enroll_when(state, new_slot) &&
+			!(old_slot != NULL && old_patient != NULL &&
+			  strcmp(old_patient, new_patient) == 0 &&
+			  row_satisfies_enroll_when(state, old_slot)))
+		{
+			enroll_patient(new_patient, config->name);
+			entry->queued = true;
+		}
+		if (entry->queued)
+			add_pending_key(state, entry, false, new_key);
+	}
+	else if (new_slot != NULL)
+		state->skipped_rows++;
+
+	if (old_patient != NULL && new_slot != NULL &&
+		(new_patient == NULL || strcmp(old_patient, new_patient) != 0 ||
+		 strcmp(old_key, new_key) != 0))
+	{
+		PatientEntry *entry = lookup_patient(state, old_patient);
+
+		if (entry->queued)
+			add_pending_key(state, entry, true, old_key);
+	}
+	else if (old_patient != NULL && new_slot == NULL)
+	{
+		PatientEntry *entry = lookup_patient(state, old_patient);
+
+		if (entry->queued)
+			add_pending_key(state, entry, false, old_key);
+	}
+}
+
+/*
+ * Prepare a read of a transition table that does not disturb other
+ * triggers reading it: each reader has its own read pointer.
+ */
+static void
+start_transition_read(Tuplestorestate *table)
+{
+	int			pointer;
+
+	if (table == NULL)
+		return;
+	pointer = tuplestore_alloc_read_pointer(table, EXEC_FLAG_REWIND);
+	tuplestore_select_read_pointer(table, pointer);
+	tuplestore_rescan(table);
+}
+
+/*
+ * Walk the statement's transition tables, in step for an update: the old
+ * and new tables hold the rows of an UPDATE in the same order.
+ */
+static void
+capture_statement(CaptureState *state, Relation rel,
+				  Tuplestorestate *old_table, Tuplestorestate *new_table)
+{
+	TupleTableSlot *old_slot = NULL;
+	TupleTableSlot *new_slot = NULL;
+
+	if (old_table != NULL)
+		old_slot = MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsMinimalTuple);
+	if (new_table != NULL)
+		new_slot = MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsMinimalTuple);
+
+	start_transition_read(old_table);
+	start_transition_read(new_table);
+
+	for (;;)
+	{
+		bool		have_old = false;
+		bool		have_new = false;
+
+		CHECK_FOR_INTERRUPTS();
+
+		if (old_table != NULL)
+			have_old = tuplestore_gettupleslot(old_table, true, false, old_slot);
+		if (new_table != NULL)
+			have_new = tuplestore_gettupleslot(new_table, true, false, new_slot);
+		if (!have_old && !have_new)
+			break;
+		if (old_table != NULL && new_table != NULL && have_old != have_new)
+			elog(ERROR, "transition tables of an update differ in length");
+
+		capture_row(state,
+					have_old ? old_slot : NULL,
+					have_new ? new_slot : NULL);
+	}
+
+	if (old_slot != NULL)
+	{
+		tuplestore_select_read_pointer(old_table, 0);
+		ExecDropSingleTupleTableSlot(old_slot);
+	}
+	if (new_slot != NULL)
+	{
+		tuplestore_select_read_pointer(new_table, 0);
+		ExecDropSingleTupleTableSlot(new_slot);
+	}
+}
+
+/*
+ * TRUNCATE removed every row at once: each enrolled patient's snapshot is
+ * requested again, which tells the portal to drop what it no longer holds.
+ */
+static void
+capture_truncate(SourceConfig *config)
+{
+	ExtensionOwnerContext owner;
+	int			ret;
+
+	become_extension_owner(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute("WITH resync AS ("
+					  "  UPDATE portal_sync.enrollment"
+					  "  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+					  "      snapshot_requested_at = pg_catalog.statement_timestamp()"
+					  "  RETURNING patient_id, snapshot_seq)"
+					  " INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+					  " SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
+					  " FROM resync",
+					  false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "queueing snapshots after TRUNCATE failed: %s",
+			 SPI_result_code_string(ret));
+	if (SPI_processed > 0)
+		outbox_note_queued();
+	SPI_finish();
+	restore_user(&owner);
+}
+
+/*
+ * Set up the state of one run: the patient table, the outbox writer and,
+ * for the enrolling kinds, enroll_when ready to evaluate.
+ */
+static void
+begin_capture(CaptureState *state, SourceConfig *config, char op)
+{
+	HASHCTL		ctl;
+
+	memset(state, 0, sizeof(CaptureState));
+	state->config = config;
+	state->op = op;
+
+	ctl.keysize = sizeof(char *);
+	ctl.entrysize = sizeof(PatientEntry);
+	ctl.hash = patient_hash;
+	ctl.match = patient_match;
+	ctl.hcxt = CurrentMemoryContext;
+	state->patients = hash_create("portal_sync capture patients", 256, &ctl,
+								  HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+
+	state->writer = outbox_writer_open();
+
+	if (source_kind_enrolls(config->kind) && op != OUTBOX_OP_DELETE &&
+		config->enroll_when != NULL)
+	{
+		state->estate = CreateExecutorState();
+		state->econtext = GetPerTupleExprContext(state->estate);
+		state->enroll_when = ExecPrepareExpr(copyObject(config->enroll_when),
+											 state->estate);
+	}
+}
+
+/*
+ * Write what is left and count the skipped rows.
+ */
+static void
+end_capture(CaptureState *state)
+{
+	flush_all_pending_keys(state);
+	outbox_writer_close(state->writer);
+	if (state->skipped_rows > 0)
+	{
+		outbox_count_skipped(state->config->source_id, state->skipped_rows);
+		ereport(DEBUG1,
+				(errmsg("portal_sync skipped %lld rows of source \"%s\" without a patient",
+						(long long) state->skipped_rows, state->config->name)));
+	}
+	if (state->estate != NULL)
+		FreeExecutorState(state->estate);
+}
+
+/*
+ * portal_sync.capture() RETURNS trigger
+ *
+ * The AFTER ... FOR EACH STATEMENT trigger that attach() installs.
+ */
+Datum
+portal_sync_capture(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Relation	rel;
+	SourceConfig *config;
+	MemoryContext capture_context;
+	MemoryContext oldcontext;
+	CaptureState state;
+	char		op;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) ||
+		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("portal_sync.capture() must be called as an AFTER ... FOR EACH STATEMENT trigger"),
+				 errhint("Use portal_sync.attach() to attach a table.")));
+
+	rel = trigdata->tg_relation;
+	config = source_config_lookup(RelationGetRelid(rel));
+	if (config == NULL)
+		return PointerGetDatum(NULL);	/* detached in this transaction */
+
+	if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
+	{
+		capture_truncate(config);
+		return PointerGetDatum(NULL);
+	}
+
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+		op = OUTBOX_OP_INSERT;
+	else if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		op = OUTBOX_OP_UPDATE;
+	else
+		op = OUTBOX_OP_DELETE;
+
+	if (trigdata->tg_oldtable == NULL && trigdata->tg_newtable == NULL)
+		return PointerGetDatum(NULL);
+
+	capture_context = AllocSetContextCreate(CurrentMemoryContext,
+											"portal_sync capture",
+											ALLOCSET_DEFAULT_SIZES);
+	oldcontext = MemoryContextSwitchTo(capture_context);
+
+	begin_capture(&state, config, op);
+	capture_statement(&state, rel, trigdata->tg_oldtable, trigdata->tg_newtable);
+	end_capture(&state);
+
+	MemoryContextSwitchTo(oldcontext);
+	MemoryContextDelete(capture_context);
+
+	return PointerGetDatum(NULL);
+}

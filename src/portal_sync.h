@@ -1,0 +1,111 @@
+/*-------------------------------------------------------------------------
+ *
+ * portal_sync.h
+ *		Declarations shared by the parts of portal_sync.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef PORTAL_SYNC_H
+#define PORTAL_SYNC_H
+
+#include "postgres.h"
+
+#include "access/attnum.h"
+#include "executor/execExpr.h"
+#include "fmgr.h"
+#include "nodes/primnodes.h"
+#include "utils/relcache.h"
+
+#define PORTAL_SYNC_SCHEMA "portal_sync"
+#define PORTAL_SYNC_VERSION "1.0"
+
+/* Settings (portal_sync.c) */
+extern char *portal_sync_endpoint;
+extern char *portal_sync_auth_token;
+extern char *portal_sync_auth_token_file;
+extern char *portal_sync_ca_file;
+extern bool portal_sync_allow_insecure_http;
+extern int	portal_sync_batch_size;
+extern int	portal_sync_max_batch_bytes;
+extern int	portal_sync_http_timeout;
+extern int	portal_sync_retry_max_delay;
+extern int	portal_sync_resync_rate;
+extern int	portal_sync_log_retention;
+extern int	portal_sync_max_workers;
+
+/* The kinds of source of SPEC §1. */
+typedef enum SourceKind
+{
+	SOURCE_APPOINTMENT,
+	SOURCE_CCDA,
+	SOURCE_NOTE,
+	SOURCE_PIN,
+	SOURCE_INSURANCE,
+	SOURCE_CLINICAL,
+	SOURCE_PATIENT
+} SourceKind;
+
+extern bool source_kind_from_name(const char *name, SourceKind *kind);
+extern bool source_kind_enrolls(SourceKind kind);
+
+/* Outbox operations, as stored in portal_sync.outbox.op. */
+#define OUTBOX_OP_INSERT	'i'
+#define OUTBOX_OP_UPDATE	'u'
+#define OUTBOX_OP_DELETE	'd'
+#define OUTBOX_OP_TRUNCATE	't'
+#define OUTBOX_OP_SNAPSHOT	's'
+
+/*
+ * What the capture triggers need to know of one attached table, loaded once
+ * per backend from portal_sync.source (source_cache.c).
+ */
+typedef struct SourceConfig
+{
+	Oid			relid;			/* hash key */
+	bool		valid;
+	int32		source_id;
+	SourceKind	kind;
+	char	   *name;
+	AttrNumber	patient_attnum;
+	AttrNumber	key_attnum;
+	FmgrInfo	patient_output;
+	FmgrInfo	key_output;
+	Expr	   *enroll_when;	/* planned expression, or NULL for "true" */
+} SourceConfig;
+
+extern SourceConfig *source_config_lookup(Oid relid);
+extern Oid	portal_sync_relid(const char *relname);
+
+/* Rule expressions: share_when and enroll_when (rule_expr.c) */
+extern Node *rule_expr_compile(Relation rel, const char *text, const char *what);
+extern Expr *rule_expr_load(const char *node_string);
+
+/* Outbox writing (outbox.c) */
+typedef struct OutboxWriter OutboxWriter;
+
+extern OutboxWriter *outbox_writer_open(void);
+extern void outbox_writer_add(OutboxWriter *writer, const char *patient_id,
+							  int32 source_id, char op, Datum *keys, int nkeys);
+extern void outbox_writer_close(OutboxWriter *writer);
+extern int64 outbox_queue_snapshot(const char *patient_id);
+extern void outbox_count_skipped(int32 source_id, int64 row_count);
+extern void outbox_note_queued(void);
+
+/* Enrollment (enroll.c) */
+extern bool patient_is_enrolled(const char *patient_id);
+extern bool enroll_patient(const char *patient_id, const char *enrolled_by);
+
+/* Running a piece of work as the extension's owner (enroll.c) */
+typedef struct ExtensionOwnerContext
+{
+	Oid			save_userid;
+	int			save_sec_context;
+	int			save_nestlevel;
+} ExtensionOwnerContext;
+
+extern void become_extension_owner(ExtensionOwnerContext *context);
+extern void restore_user(ExtensionOwnerContext *context);
+
+#endif							/* PORTAL_SYNC_H */

@@ -1,0 +1,200 @@
+/*-------------------------------------------------------------------------
+ *
+ * rule_expr.c
+ *		The share_when and enroll_when expressions of attached tables.
+ *
+ * A rule is a boolean expression over the columns of one row of the
+ * attached table.  It is checked once, when the table is attached, and kept
+ * as an analyzed node tree (like a CHECK constraint), so that later changes
+ * of search_path or column names cannot change what it means.  Only
+ * built-in, non-volatile functions and operators are allowed and it cannot
+ * hold a subquery: a rule can never run a statement or read another table.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/transam.h"
+#include "nodes/nodeFuncs.h"
+#include "optimizer/optimizer.h"
+#include "parser/parse_coerce.h"
+#include "parser/parse_collate.h"
+#include "parser/parse_expr.h"
+#include "parser/parse_relation.h"
+#include "parser/parser.h"
+#include "utils/lsyscache.h"
+
+#include "portal_sync.h"
+
+/*
+ * Report which function of a rule is not built in.
+ */
+static bool
+function_is_not_builtin(Oid funcid, void *context)
+{
+	return funcid >= FirstUnpinnedObjectId;
+}
+
+/*
+ * Walker that finds the first function or operator of a rule that is not a
+ * built-in one: user-defined functions could read other tables.
+ */
+static bool
+contains_non_builtin_function(Node *node, void *context)
+{
+	if (node == NULL)
+		return false;
+	if (check_functions_in_node(node, function_is_not_builtin, context))
+		return true;
+	return expression_tree_walker(node, contains_non_builtin_function, context);
+}
+
+/* What an error context callback needs to point into a rule's text. */
+typedef struct RuleErrorContext
+{
+	const char *what;
+	const char *query;			/* the text as parsed */
+} RuleErrorContext;
+
+/*
+ * Error context callback: report a position in the rule as a position in
+ * the rule's own text, not in the statement that called attach().
+ */
+static void
+rule_error_callback(void *arg)
+{
+	RuleErrorContext *context = (RuleErrorContext *) arg;
+	int			position = geterrposition();
+
+	if (position > 0)
+	{
+		errposition(0);
+		internalerrposition(position);
+		internalerrquery(context->query);
+	}
+	errcontext("checking %s", context->what);
+}
+
+/*
+ * Parse the text of a rule into the raw tree of one expression.  The text is
+ * parsed as the target of a SELECT, and anything but one plain target
+ * expression (a second statement, a FROM, a WHERE...) is refused.
+ */
+static Node *
+parse_rule_text(const char *text, const char *what)
+{
+	char	   *sql = psprintf("SELECT %s", text);
+	List	   *raw_statements;
+	RawStmt    *raw;
+	SelectStmt *select;
+	ResTarget  *target;
+	RuleErrorContext context = {what, sql};
+	ErrorContextCallback callback = {error_context_stack, rule_error_callback, &context};
+
+	error_context_stack = &callback;
+	raw_statements = raw_parser(sql, RAW_PARSE_DEFAULT);
+	error_context_stack = callback.previous;
+
+	if (list_length(raw_statements) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be one expression", what)));
+
+	raw = linitial_node(RawStmt, raw_statements);
+	if (!IsA(raw->stmt, SelectStmt))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be one expression", what)));
+
+	select = (SelectStmt *) raw->stmt;
+	if (select->op != SETOP_NONE ||
+		list_length(select->targetList) != 1 ||
+		select->distinctClause != NIL ||
+		select->intoClause != NULL ||
+		select->fromClause != NIL ||
+		select->whereClause != NULL ||
+		select->groupClause != NIL ||
+		select->havingClause != NULL ||
+		select->windowClause != NIL ||
+		select->valuesLists != NIL ||
+		select->sortClause != NIL ||
+		select->limitOffset != NULL ||
+		select->limitCount != NULL ||
+		select->lockingClause != NIL ||
+		select->withClause != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be one expression over the columns of the row", what)));
+
+	target = linitial_node(ResTarget, select->targetList);
+	if (target->name != NULL || IsA(target->val, A_Star) ||
+		(IsA(target->val, ColumnRef) &&
+		 IsA(llast(((ColumnRef *) target->val)->fields), A_Star)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be one expression over the columns of the row", what)));
+
+	return target->val;
+}
+
+/*
+ * Check a rule against the attached relation and return it analyzed,
+ * ready to be stored with nodeToString().  "what" names the rule in error
+ * messages (share_when or enroll_when).
+ */
+Node *
+rule_expr_compile(Relation rel, const char *text, const char *what)
+{
+	Node	   *raw_expr = parse_rule_text(text, what);
+	ParseState *pstate = make_parsestate(NULL);
+	ParseNamespaceItem *nsitem;
+	Node	   *expr;
+	RuleErrorContext context = {what, psprintf("SELECT %s", text)};
+	ErrorContextCallback callback = {error_context_stack, rule_error_callback, &context};
+
+	error_context_stack = &callback;
+	pstate->p_sourcetext = context.query;
+	nsitem = addRangeTableEntryForRelation(pstate, rel, AccessShareLock,
+										   NULL, false, true);
+	addNSItemToQuery(pstate, nsitem, true, true, true);
+
+	expr = transformExpr(pstate, raw_expr, EXPR_KIND_WHERE);
+
+	if (pstate->p_hasSubLinks)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s cannot contain a subquery", what),
+				 errhint("A rule may only use the columns of the row itself.")));
+
+	expr = coerce_to_boolean(pstate, expr, what);
+	assign_expr_collations(pstate, expr);
+
+	if (contain_volatile_functions(expr))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s cannot use volatile functions", what)));
+
+	if (contains_non_builtin_function(expr, NULL))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s can only use built-in functions and operators", what),
+				 errhint("A rule may only use the columns of the row itself.")));
+
+	error_context_stack = callback.previous;
+	free_parsestate(pstate);
+	return expr;
+}
+
+/*
+ * Turn a stored rule back into an expression ready for ExecInitExpr in the
+ * current memory context.
+ */
+Expr *
+rule_expr_load(const char *node_string)
+{
+	Node	   *node = stringToNode(node_string);
+
+	return expression_planner((Expr *) node);
+}

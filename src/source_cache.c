@@ -1,0 +1,278 @@
+/*-------------------------------------------------------------------------
+ *
+ * source_cache.c
+ *		Per-backend cache of the attached tables' settings.
+ *
+ * The capture triggers run on every write of the EHR, so the settings of
+ * an attached table are read from portal_sync.source once per backend and
+ * kept until a relcache invalidation of that table says they may have
+ * changed (attach, detach and any ALTER TABLE send one).  The OIDs of the
+ * extension's own relations are cached the same way.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+
+#include "portal_sync.h"
+
+/* Column numbers of portal_sync.source, as created by the install script. */
+#define Anum_source_source_id		1
+#define Anum_source_relid			2
+#define Anum_source_kind			3
+#define Anum_source_name			4
+#define Anum_source_patient_attnum	5
+#define Anum_source_key_attnum		6
+#define Anum_source_enroll_when		12
+
+typedef struct CachedSource
+{
+	Oid			relid;			/* hash key */
+	MemoryContext context;		/* holds everything the entry points to */
+	SourceConfig config;
+} CachedSource;
+
+typedef struct RelationOidCache
+{
+	const char *relname;
+	Oid			relid;
+} RelationOidCache;
+
+static HTAB *source_cache = NULL;
+
+static RelationOidCache relation_oids[] = {
+	{"source", InvalidOid},
+	{"outbox", InvalidOid},
+	{"outbox_seq", InvalidOid},
+	{"enrollment", InvalidOid},
+	{"skipped_row", InvalidOid},
+	{NULL, InvalidOid}
+};
+
+static const char *const source_kind_names[] = {
+	[SOURCE_APPOINTMENT] = "appointment",
+	[SOURCE_CCDA] = "ccda",
+	[SOURCE_NOTE] = "note",
+	[SOURCE_PIN] = "pin",
+	[SOURCE_INSURANCE] = "insurance",
+	[SOURCE_CLINICAL] = "clinical",
+	[SOURCE_PATIENT] = "patient"
+};
+
+/*
+ * Map the kind text of attach() and portal_sync.source to the enum.
+ */
+bool
+source_kind_from_name(const char *name, SourceKind *kind)
+{
+	for (int i = 0; i < lengthof(source_kind_names); i++)
+	{
+		if (strcmp(name, source_kind_names[i]) == 0)
+		{
+			*kind = (SourceKind) i;
+			return true;
+		}
+	}
+	return false;
+}
+
+/*
+ * The kinds whose rows can be initiating events (SPEC §1).
+ */
+bool
+source_kind_enrolls(SourceKind kind)
+{
+	return kind == SOURCE_APPOINTMENT || kind == SOURCE_CCDA ||
+		kind == SOURCE_NOTE || kind == SOURCE_PIN;
+}
+
+/*
+ * Relcache invalidation callback: forget what may have changed.  A reset
+ * (InvalidOid) forgets everything.
+ */
+static void
+source_cache_invalidate(Datum arg, Oid relid)
+{
+	for (RelationOidCache *entry = relation_oids; entry->relname; entry++)
+	{
+		if (relid == InvalidOid || entry->relid == relid)
+		{
+			for (RelationOidCache *all = relation_oids; all->relname; all++)
+				all->relid = InvalidOid;
+			break;
+		}
+	}
+
+	if (source_cache != NULL)
+	{
+		HASH_SEQ_STATUS status;
+		CachedSource *cached;
+
+		hash_seq_init(&status, source_cache);
+		while ((cached = hash_seq_search(&status)) != NULL)
+		{
+			if (relid == InvalidOid || cached->relid == relid)
+				cached->config.valid = false;
+		}
+	}
+}
+
+/*
+ * Create the cache on first use and hook it to relcache invalidations.
+ */
+static void
+source_cache_init(void)
+{
+	HASHCTL		ctl;
+
+	ctl.keysize = sizeof(Oid);
+	ctl.entrysize = sizeof(CachedSource);
+	ctl.hcxt = CacheMemoryContext;
+	source_cache = hash_create("portal_sync sources", 32, &ctl,
+							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	CacheRegisterRelcacheCallback(source_cache_invalidate, (Datum) 0);
+}
+
+/*
+ * OID of one of the extension's relations in schema portal_sync; errors
+ * out if the extension is not installed in this database.
+ */
+Oid
+portal_sync_relid(const char *relname)
+{
+	RelationOidCache *entry;
+
+	if (source_cache == NULL)
+		source_cache_init();
+
+	for (entry = relation_oids; entry->relname; entry++)
+	{
+		if (strcmp(entry->relname, relname) == 0)
+			break;
+	}
+	Assert(entry->relname != NULL);
+
+	if (!OidIsValid(entry->relid))
+	{
+		Oid			namespace = get_namespace_oid(PORTAL_SYNC_SCHEMA, true);
+
+		if (OidIsValid(namespace))
+			entry->relid = get_relname_relid(relname, namespace);
+		if (!OidIsValid(entry->relid))
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("extension portal_sync is not installed in this database"),
+					 errhint("Run CREATE EXTENSION portal_sync.")));
+	}
+	return entry->relid;
+}
+
+/*
+ * Fill a cache entry from the tuple of portal_sync.source for its table.
+ */
+static void
+load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
+{
+	SourceConfig *config = &cached->config;
+	bool		isnull;
+	Datum		value;
+	Oid			typoutput;
+	bool		typisvarlena;
+	MemoryContext oldcontext;
+
+	if (cached->context == NULL)
+		cached->context = AllocSetContextCreate(CacheMemoryContext,
+												"portal_sync source",
+												ALLOCSET_SMALL_SIZES);
+	else
+		MemoryContextReset(cached->context);
+	oldcontext = MemoryContextSwitchTo(cached->context);
+
+	memset(config, 0, sizeof(SourceConfig));
+	config->relid = cached->relid;
+	config->source_id = DatumGetInt32(heap_getattr(tuple, Anum_source_source_id, desc, &isnull));
+	if (!source_kind_from_name(TextDatumGetCString(heap_getattr(tuple, Anum_source_kind, desc, &isnull)),
+							   &config->kind))
+		elog(ERROR, "portal_sync.source holds an unknown kind");
+	config->name = TextDatumGetCString(heap_getattr(tuple, Anum_source_name, desc, &isnull));
+	config->patient_attnum = DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum, desc, &isnull));
+	config->key_attnum = DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum, desc, &isnull));
+
+	getTypeOutputInfo(get_atttype(config->relid, config->patient_attnum),
+					  &typoutput, &typisvarlena);
+	fmgr_info(typoutput, &config->patient_output);
+	getTypeOutputInfo(get_atttype(config->relid, config->key_attnum),
+					  &typoutput, &typisvarlena);
+	fmgr_info(typoutput, &config->key_output);
+
+	value = heap_getattr(tuple, Anum_source_enroll_when, desc, &isnull);
+	config->enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));
+
+	MemoryContextSwitchTo(oldcontext);
+	config->valid = true;
+}
+
+/*
+ * The settings of an attached table, or NULL if it is not attached.
+ *
+ * portal_sync.source is read directly, with the latest snapshot, so that
+ * the EHR's roles need no privilege on it.
+ */
+SourceConfig *
+source_config_lookup(Oid relid)
+{
+	CachedSource *cached;
+	bool		found;
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	Snapshot	snapshot;
+
+	if (source_cache == NULL)
+		source_cache_init();
+
+	cached = hash_search(source_cache, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		cached->context = NULL;
+		cached->config.valid = false;
+	}
+	if (cached->config.valid)
+		return &cached->config;
+
+	rel = table_open(portal_sync_relid("source"), AccessShareLock);
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snapshot, 0, NULL);
+	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		bool		isnull;
+		Oid			row_relid = DatumGetObjectId(heap_getattr(tuple, Anum_source_relid,
+															  RelationGetDescr(rel), &isnull));
+
+		if (row_relid == relid)
+		{
+			load_source_config(cached, tuple, RelationGetDescr(rel));
+			break;
+		}
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(rel, AccessShareLock);
+
+	return cached->config.valid ? &cached->config : NULL;
+}
