@@ -27,6 +27,7 @@
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
 #include "utils/hsearch.h"
@@ -52,13 +53,18 @@ typedef struct PendingKeys
 	Datum	   *keys;
 } PendingKeys;
 
-/* What one statement knows of one patient. */
+/*
+ * What one statement knows of one patient.  The hash key is the patient
+ * column's value for by-value types (no output function call per row), or
+ * a pointer to its text form for the others.
+ */
 typedef struct PatientEntry
 {
-	char	   *patient_id;		/* hash key: a pointer to the string */
+	Datum		hash_key;
+	char	   *patient_id;
 	bool		queued;			/* are this patient's changes recorded? */
 	PendingKeys changed;		/* keys under the statement's operation */
-	PendingKeys moved_away;		/* keys that left the patient (as deletes) */
+	PendingKeys moved_away;		/* keys of rows that left the patient */
 } PatientEntry;
 
 /* The state of one run of the trigger function. */
@@ -66,6 +72,8 @@ typedef struct CaptureState
 {
 	SourceConfig *config;
 	char		op;				/* operation of the statement */
+	MemoryContext statement_context;	/* lives as long as the run */
+	MemoryContext row_context;	/* reset after every row */
 	HTAB	   *patients;
 	OutboxWriter *writer;
 	int64		buffered_keys;
@@ -76,21 +84,22 @@ typedef struct CaptureState
 } CaptureState;
 
 /*
- * Hash and match functions for the patient table: keys are pointers to
- * strings copied into the statement's memory.
+ * Hash and match functions for patients known by the text of their
+ * identifier: the hash key points to the string.
  */
 static uint32
-patient_hash(const void *key, Size keysize)
+patient_text_hash(const void *key, Size keysize)
 {
-	const char *patient_id = *(char *const *) key;
+	const char *patient_id = DatumGetCString(*(const Datum *) key);
 
 	return string_hash(patient_id, strlen(patient_id) + 1);
 }
 
 static int
-patient_match(const void *key1, const void *key2, Size keysize)
+patient_text_match(const void *key1, const void *key2, Size keysize)
 {
-	return strcmp(*(char *const *) key1, *(char *const *) key2);
+	return strcmp(DatumGetCString(*(const Datum *) key1),
+				  DatumGetCString(*(const Datum *) key2));
 }
 
 /*
@@ -102,9 +111,13 @@ flush_pending_keys(CaptureState *state, PatientEntry *entry,
 {
 	if (pending->nkeys == 0)
 		return;
+	if (state->writer == NULL)
+		state->writer = outbox_writer_open();
 	outbox_writer_add(state->writer, entry->patient_id,
 					  state->config->source_id, op,
 					  pending->keys, pending->nkeys);
+	for (int i = 0; i < pending->nkeys; i++)
+		pfree(DatumGetPointer(pending->keys[i]));
 	state->buffered_keys -= pending->nkeys;
 	pending->nkeys = 0;
 }
@@ -127,16 +140,22 @@ flush_all_pending_keys(CaptureState *state)
 }
 
 /*
- * Remember one key for a patient, writing a full outbox row when there are
- * KEYS_PER_OUTBOX_ROW of them, and everything when the statement holds too
- * many keys in memory.
+ * Remember the key of a row for a patient, writing a full outbox row when
+ * there are KEYS_PER_OUTBOX_ROW of them, and everything when the statement
+ * holds too many keys in memory.
  */
 static void
 add_pending_key(CaptureState *state, PatientEntry *entry, bool moved_away,
-				const char *key)
+				TupleTableSlot *slot)
 {
 	PendingKeys *pending = moved_away ? &entry->moved_away : &entry->changed;
+	SourceConfig *config = state->config;
+	bool		isnull;
+	Datum		key = slot_getattr(slot, config->key_attnum, &isnull);
+	MemoryContext oldcontext;
 
+	Assert(!isnull);
+	oldcontext = MemoryContextSwitchTo(state->statement_context);
 	if (pending->nkeys == pending->maxkeys)
 	{
 		pending->maxkeys = pending->maxkeys == 0 ? 8 : pending->maxkeys * 2;
@@ -145,7 +164,9 @@ add_pending_key(CaptureState *state, PatientEntry *entry, bool moved_away,
 		else
 			pending->keys = repalloc(pending->keys, pending->maxkeys * sizeof(Datum));
 	}
-	pending->keys[pending->nkeys++] = CStringGetTextDatum(key);
+	pending->keys[pending->nkeys++] =
+		CStringGetTextDatum(OutputFunctionCall(&config->key_output, key));
+	MemoryContextSwitchTo(oldcontext);
 	state->buffered_keys++;
 
 	if (pending->nkeys >= KEYS_PER_OUTBOX_ROW)
@@ -156,23 +177,47 @@ add_pending_key(CaptureState *state, PatientEntry *entry, bool moved_away,
 }
 
 /*
- * Find or create the statement's entry for a patient, deciding on first
- * sight whether the patient's changes are recorded.
+ * The statement's entry for the patient of a row, or NULL if the row has
+ * no patient or no key.  On first sight of a patient, decide whether the
+ * patient's changes are recorded.
  */
 static PatientEntry *
-lookup_patient(CaptureState *state, char *patient_id)
+row_patient(CaptureState *state, TupleTableSlot *slot)
 {
+	SourceConfig *config = state->config;
+	bool		isnull;
+	Datum		value = slot_getattr(slot, config->patient_attnum, &isnull);
+	Datum		hash_key;
+	char	   *patient_id = NULL;
 	PatientEntry *entry;
 	bool		found;
 
-	entry = hash_search(state->patients, &patient_id, HASH_ENTER, &found);
+	if (isnull)
+		return NULL;
+	(void) slot_getattr(slot, config->key_attnum, &isnull);
+	if (isnull)
+		return NULL;
+
+	if (config->patient_byval)
+		hash_key = value;
+	else
+	{
+		patient_id = OutputFunctionCall(&config->patient_output, value);
+		hash_key = CStringGetDatum(patient_id);
+	}
+
+	entry = hash_search(state->patients, &hash_key, HASH_ENTER, &found);
 	if (!found)
 	{
-		entry->patient_id = patient_id;
+		if (patient_id == NULL)
+			patient_id = OutputFunctionCall(&config->patient_output, value);
+		entry->patient_id = MemoryContextStrdup(state->statement_context, patient_id);
+		if (!config->patient_byval)
+			entry->hash_key = CStringGetDatum(entry->patient_id);
 		memset(&entry->changed, 0, sizeof(PendingKeys));
 		memset(&entry->moved_away, 0, sizeof(PendingKeys));
-		entry->queued = state->config->kind == SOURCE_INSURANCE ||
-			patient_is_enrolled(patient_id);
+		entry->queued = config->kind == SOURCE_INSURANCE ||
+			patient_is_enrolled(entry->patient_id);
 	}
 	return entry;
 }
@@ -197,88 +242,62 @@ row_satisfies_enroll_when(CaptureState *state, TupleTableSlot *slot)
 }
 
 /*
- * The text form of a column of the row, or NULL if it is NULL.
+ * Do two rows of the source have the same key?
  */
-static char *
-column_text(TupleTableSlot *slot, AttrNumber attnum, FmgrInfo *output)
+static bool
+same_key(SourceConfig *config, TupleTableSlot *old_slot, TupleTableSlot *new_slot)
 {
 	bool		isnull;
-	Datum		value = slot_getattr(slot, attnum, &isnull);
+	Datum		old_key = slot_getattr(old_slot, config->key_attnum, &isnull);
+	Datum		new_key = slot_getattr(new_slot, config->key_attnum, &isnull);
 
-	if (isnull)
-		return NULL;
-	return OutputFunctionCall(output, value);
+	return datumIsEqual(old_key, new_key, config->key_byval, config->key_typlen);
 }
 
 /*
  * Record one changed row.  new_slot is NULL for a delete, old_slot NULL for
  * an insert; an update passes both, so that a row that moved to another
- * patient, or changed its key, is also reported gone where it was.
+ * patient, or changed its key, is also reported where it was.
  */
 static void
 capture_row(CaptureState *state, TupleTableSlot *old_slot, TupleTableSlot *new_slot)
 {
 	SourceConfig *config = state->config;
-	char	   *old_patient = NULL;
-	char	   *old_key = NULL;
-	char	   *new_patient = NULL;
-	char	   *new_key = NULL;
+	PatientEntry *old_patient = NULL;
+	PatientEntry *new_patient = NULL;
 
 	if (old_slot != NULL)
-	{
-		old_patient = column_text(old_slot, config->patient_attnum, &config->patient_output);
-		old_key = column_text(old_slot, config->key_attnum, &config->key_output);
-		if (old_key == NULL)
-			old_patient = NULL;
-	}
+		old_patient = row_patient(state, old_slot);
 	if (new_slot != NULL)
-	{
-		new_patient = column_text(new_slot, config->patient_attnum, &config->patient_output);
-		new_key = column_text(new_slot, config->key_attnum, &config->key_output);
-		if (new_key == NULL)
-			new_patient = NULL;
-	}
+		new_patient = row_patient(state, new_slot);
 
-	if (new_patient == NULL && old_patient == NULL)
-	{
+	if (new_slot != NULL && new_patient == NULL)
 		state->skipped_rows++;
-		return;
-	}
+	else if (new_slot == NULL && old_patient == NULL)
+		state->skipped_rows++;
 
 	if (new_patient != NULL)
 	{
-		PatientEntry *entry = lookup_patient(state, new_patient);
-
-		if (!entry->queued && source_kind_enrolls(config->kind) &&
+		if (!new_patient->queued && source_kind_enrolls(config->kind) &&
 			row_satisfies_enroll_when(state, new_slot) &&
-			!(old_slot != NULL && old_patient != NULL &&
-			  strcmp(old_patient, new_patient) == 0 &&
+			!(old_patient == new_patient &&
 			  row_satisfies_enroll_when(state, old_slot)))
 		{
-			enroll_patient(new_patient, config->name);
-			entry->queued = true;
+			enroll_patient(new_patient->patient_id, config->name);
+			new_patient->queued = true;
 		}
-		if (entry->queued)
-			add_pending_key(state, entry, false, new_key);
+		if (new_patient->queued)
+			add_pending_key(state, new_patient, false, new_slot);
 	}
-	else if (new_slot != NULL)
-		state->skipped_rows++;
 
-	if (old_patient != NULL && new_slot != NULL &&
-		(new_patient == NULL || strcmp(old_patient, new_patient) != 0 ||
-		 strcmp(old_key, new_key) != 0))
+	if (old_patient != NULL && old_patient->queued)
 	{
-		PatientEntry *entry = lookup_patient(state, old_patient);
-
-		if (entry->queued)
-			add_pending_key(state, entry, true, old_key);
-	}
-	else if (old_patient != NULL && new_slot == NULL)
-	{
-		PatientEntry *entry = lookup_patient(state, old_patient);
-
-		if (entry->queued)
-			add_pending_key(state, entry, false, old_key);
+		if (new_slot == NULL)
+			add_pending_key(state, old_patient, false, old_slot);
+		else if (old_patient != new_patient)
+			add_pending_key(state, old_patient, true, old_slot);
+		else if (!same_key(config, old_slot, new_slot))
+			add_pending_key(state, old_patient, false, old_slot);
 	}
 }
 
@@ -308,6 +327,7 @@ capture_statement(CaptureState *state, Relation rel,
 {
 	TupleTableSlot *old_slot = NULL;
 	TupleTableSlot *new_slot = NULL;
+	MemoryContext oldcontext;
 
 	if (old_table != NULL)
 		old_slot = MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsMinimalTuple);
@@ -333,9 +353,12 @@ capture_statement(CaptureState *state, Relation rel,
 		if (old_table != NULL && new_table != NULL && have_old != have_new)
 			elog(ERROR, "transition tables of an update differ in length");
 
+		oldcontext = MemoryContextSwitchTo(state->row_context);
 		capture_row(state,
 					have_old ? old_slot : NULL,
 					have_new ? new_slot : NULL);
+		MemoryContextSwitchTo(oldcontext);
+		MemoryContextReset(state->row_context);
 	}
 
 	if (old_slot != NULL)
@@ -393,16 +416,24 @@ begin_capture(CaptureState *state, SourceConfig *config, char op)
 	memset(state, 0, sizeof(CaptureState));
 	state->config = config;
 	state->op = op;
+	state->statement_context = CurrentMemoryContext;
+	state->row_context = AllocSetContextCreate(CurrentMemoryContext,
+											   "portal_sync capture row",
+											   ALLOCSET_SMALL_SIZES);
 
-	ctl.keysize = sizeof(char *);
+	ctl.keysize = sizeof(Datum);
 	ctl.entrysize = sizeof(PatientEntry);
-	ctl.hash = patient_hash;
-	ctl.match = patient_match;
 	ctl.hcxt = CurrentMemoryContext;
-	state->patients = hash_create("portal_sync capture patients", 256, &ctl,
-								  HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
-
-	state->writer = outbox_writer_open();
+	if (config->patient_byval)
+		state->patients = hash_create("portal_sync capture patients", 256, &ctl,
+									  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	else
+	{
+		ctl.hash = patient_text_hash;
+		ctl.match = patient_text_match;
+		state->patients = hash_create("portal_sync capture patients", 256, &ctl,
+									  HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	}
 
 	if (source_kind_enrolls(config->kind) && op != OUTBOX_OP_DELETE &&
 		config->enroll_when != NULL)
@@ -421,7 +452,8 @@ static void
 end_capture(CaptureState *state)
 {
 	flush_all_pending_keys(state);
-	outbox_writer_close(state->writer);
+	if (state->writer != NULL)
+		outbox_writer_close(state->writer);
 	if (state->skipped_rows > 0)
 	{
 		outbox_count_skipped(state->config->source_id, state->skipped_rows);

@@ -25,6 +25,7 @@
 #include "nodes/execnodes.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/timestamp.h"
 
@@ -52,6 +53,8 @@ struct OutboxWriter
 	ResultRelInfo *result_rel;
 	CommandId	command_id;
 	TimestampTz captured_at;
+	MemoryContext context;		/* the writer and its slots */
+	MemoryContext batch_context;	/* values of the buffered rows */
 	int			nbuffered;
 	TupleTableSlot *slots[OUTBOX_BUFFERED_ROWS];
 };
@@ -72,6 +75,10 @@ outbox_writer_open(void)
 	ExecOpenIndices(writer->result_rel, false);
 	writer->command_id = GetCurrentCommandId(true);
 	writer->captured_at = GetCurrentStatementStartTimestamp();
+	writer->context = CurrentMemoryContext;
+	writer->batch_context = AllocSetContextCreate(CurrentMemoryContext,
+												  "portal_sync outbox batch",
+												  ALLOCSET_DEFAULT_SIZES);
 	return writer;
 }
 
@@ -96,8 +103,10 @@ outbox_writer_flush(OutboxWriter *writer)
 										  NULL, NIL);
 		list_free(conflicts);
 		ResetPerTupleExprContext(writer->estate);
+		ExecClearTuple(writer->slots[i]);
 	}
 	writer->nbuffered = 0;
+	MemoryContextReset(writer->batch_context);
 }
 
 /*
@@ -112,6 +121,7 @@ outbox_writer_add_row(OutboxWriter *writer, const char *patient_id,
 {
 	TupleTableSlot *slot;
 	int64		seq;
+	MemoryContext oldcontext;
 
 	if (writer->nbuffered == OUTBOX_BUFFERED_ROWS)
 		outbox_writer_flush(writer);
@@ -119,10 +129,12 @@ outbox_writer_add_row(OutboxWriter *writer, const char *patient_id,
 	slot = writer->slots[writer->nbuffered];
 	if (slot == NULL)
 	{
+		oldcontext = MemoryContextSwitchTo(writer->context);
 		slot = table_slot_create(writer->rel, NULL);
 		writer->slots[writer->nbuffered] = slot;
+		MemoryContextSwitchTo(oldcontext);
 	}
-	ExecClearTuple(slot);
+	oldcontext = MemoryContextSwitchTo(writer->batch_context);
 
 	seq = nextval_internal(writer->seq_relid, false);
 
@@ -142,6 +154,7 @@ outbox_writer_add_row(OutboxWriter *writer, const char *patient_id,
 		slot->tts_isnull[Anum_outbox_keys - 1] = true;
 	slot->tts_values[Anum_outbox_captured_at - 1] = TimestampTzGetDatum(writer->captured_at);
 	ExecStoreVirtualTuple(slot);
+	MemoryContextSwitchTo(oldcontext);
 
 	writer->nbuffered++;
 	return seq;
@@ -174,6 +187,7 @@ outbox_writer_close(OutboxWriter *writer)
 	}
 	ExecCloseIndices(writer->result_rel);
 	FreeExecutorState(writer->estate);
+	MemoryContextDelete(writer->batch_context);
 	table_close(writer->rel, NoLock);
 	pfree(writer);
 

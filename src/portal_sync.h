@@ -70,6 +70,9 @@ typedef struct SourceConfig
 	char	   *name;
 	AttrNumber	patient_attnum;
 	AttrNumber	key_attnum;
+	bool		patient_byval;	/* patient column of a by-value type? */
+	bool		key_byval;
+	int16		key_typlen;
 	FmgrInfo	patient_output;
 	FmgrInfo	key_output;
 	Expr	   *enroll_when;	/* planned expression, or NULL for "true" */

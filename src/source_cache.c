@@ -193,6 +193,8 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 	Datum		value;
 	Oid			typoutput;
 	bool		typisvarlena;
+	Oid			patient_type;
+	Oid			key_type;
 	MemoryContext oldcontext;
 
 	if (cached->context == NULL)
@@ -213,12 +215,15 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 	config->patient_attnum = DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum, desc, &isnull));
 	config->key_attnum = DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum, desc, &isnull));
 
-	getTypeOutputInfo(get_atttype(config->relid, config->patient_attnum),
-					  &typoutput, &typisvarlena);
+	patient_type = get_atttype(config->relid, config->patient_attnum);
+	getTypeOutputInfo(patient_type, &typoutput, &typisvarlena);
 	fmgr_info(typoutput, &config->patient_output);
-	getTypeOutputInfo(get_atttype(config->relid, config->key_attnum),
-					  &typoutput, &typisvarlena);
+	config->patient_byval = get_typbyval(patient_type);
+
+	key_type = get_atttype(config->relid, config->key_attnum);
+	getTypeOutputInfo(key_type, &typoutput, &typisvarlena);
 	fmgr_info(typoutput, &config->key_output);
+	get_typlenbyval(key_type, &config->key_typlen, &config->key_byval);
 
 	value = heap_getattr(tuple, Anum_source_enroll_when, desc, &isnull);
 	config->enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));
