@@ -62,7 +62,7 @@ CREATE TABLE portal_sync.source (
 /*
  * outbox: what changed, never the clinical content.  One row records that
  * the rows with the given keys of one source changed for one patient in one
- * statement (op 'i' insert, 'u' update, 'd' delete, 't' truncate), or that
+ * statement (op 'i' insert, 'u' update, 'd' delete), or that
  * a patient's whole record must be sent (op 's', snapshot request; source_id
  * and keys are NULL).  Delivery reads each row as it is at send time.
  * WAL-logged: nothing captured is lost on a crash.
@@ -72,10 +72,11 @@ CREATE TABLE portal_sync.outbox (
 	seq bigint PRIMARY KEY,
 	patient_id text COLLATE "C" NOT NULL,
 	source_id int,
-	op "char" NOT NULL CHECK (op IN ('i', 'u', 'd', 't', 's')),
+	op "char" NOT NULL CHECK (op IN ('i', 'u', 'd', 's')),
 	keys text[],
 	captured_at timestamptz NOT NULL
 );
+CREATE INDEX outbox_patient ON portal_sync.outbox (patient_id, seq);
 
 /*
  * enrollment: patients whose data flows to the portal, with the initiating
@@ -88,8 +89,46 @@ CREATE TABLE portal_sync.enrollment (
 	enrolled_by text NOT NULL,
 	snapshot_seq bigint,
 	snapshot_requested_at timestamptz,
-	snapshot_accepted_at timestamptz
+	snapshot_accepted_at timestamptz,
+	purged boolean NOT NULL DEFAULT false,	/* chart restricted: portal purged */
+	last_delivered_at timestamptz
 );
+
+/*
+ * installation: identifies this database's stream, so that event ids of
+ * two databases sending to one portal never collide.
+ */
+CREATE TABLE portal_sync.installation (
+	singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+	install_id text NOT NULL DEFAULT pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', '')
+);
+INSERT INTO portal_sync.installation DEFAULT VALUES;
+
+/* dead_letter: events the portal rejected, kept until retried. */
+CREATE TABLE portal_sync.dead_letter (
+	event_id text PRIMARY KEY,
+	seq bigint NOT NULL,
+	patient_id text COLLATE "C" NOT NULL,
+	source_id int,
+	source text,
+	key text,
+	op text NOT NULL,
+	failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	http_status int,
+	reason text
+);
+CREATE INDEX ON portal_sync.dead_letter (patient_id);
+
+/* delivery_log: one row per POST to the portal, kept log_retention. */
+CREATE TABLE portal_sync.delivery_log (
+	batch_id text NOT NULL,
+	sent_at timestamptz NOT NULL,
+	accepted_at timestamptz,
+	http_status int,
+	events int NOT NULL,
+	patient_ids text[] NOT NULL
+);
+CREATE INDEX ON portal_sync.delivery_log (sent_at);
 
 /*
  * skipped_row: rows of attached tables whose patient column was NULL, one
@@ -108,6 +147,9 @@ SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.skipped_row', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.installation', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.delivery_log', '');
 
 /* The C parts. */
 CREATE FUNCTION portal_sync.capture() RETURNS trigger
@@ -129,6 +171,17 @@ CREATE FUNCTION portal_sync.detach(source regclass) RETURNS void
 CREATE FUNCTION portal_sync.enroll(patient_id text) RETURNS boolean
 	AS 'MODULE_PATHNAME', 'portal_sync_enroll' LANGUAGE C STRICT;
 
+/* Wakes the launcher so that it starts this database's worker. */
+CREATE FUNCTION portal_sync.start_worker() RETURNS void
+	AS 'MODULE_PATHNAME', 'portal_sync_start_worker' LANGUAGE C STRICT;
+
+CREATE FUNCTION portal_sync.worker_status(OUT worker_pid int, OUT state text,
+	OUT last_error text, OUT last_error_at timestamptz,
+	OUT consecutive_failures int, OUT next_attempt_at timestamptz,
+	OUT delivered_total bigint)
+	RETURNS record
+	AS 'MODULE_PATHNAME', 'portal_sync_worker_status' LANGUAGE C STRICT;
+
 /* sources: the attached tables with their settings, by current names. */
 CREATE VIEW portal_sync.sources AS
 SELECT s.name,
@@ -147,7 +200,55 @@ JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_a
 LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum
 LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum;
 
+/* status: is data moving?  One row. */
+CREATE VIEW portal_sync.status AS
+SELECT w.worker_pid,
+	   w.state,
+	   o.pending_events,
+	   pg_catalog.now() - o.oldest_captured_at AS oldest_pending_age,
+	   o.pending_snapshots,
+	   (SELECT pg_catalog.count(*) FROM portal_sync.enrollment) AS enrolled_patients,
+	   (SELECT pg_catalog.count(*) FROM portal_sync.dead_letter) AS dead_letters,
+	   COALESCE(w.delivered_total, 0) AS delivered_total,
+	   (SELECT COALESCE(pg_catalog.sum(l.events), 0)::bigint FROM portal_sync.delivery_log l
+		WHERE l.accepted_at > pg_catalog.now() - interval '1 minute') AS delivered_last_minute,
+	   (SELECT COALESCE(pg_catalog.sum(k.row_count), 0)::bigint FROM portal_sync.skipped_row k) AS skipped_rows,
+	   (SELECT pg_catalog.max(l.accepted_at) FROM portal_sync.delivery_log l) AS last_success_at,
+	   w.last_error,
+	   w.last_error_at,
+	   COALESCE(w.consecutive_failures, 0) AS consecutive_failures,
+	   w.next_attempt_at
+FROM portal_sync.worker_status() w,
+	 (SELECT COALESCE(pg_catalog.sum(CASE WHEN op = 's' THEN 1 ELSE pg_catalog.cardinality(keys) END), 0)::bigint
+				AS pending_events,
+			 pg_catalog.count(*) FILTER (WHERE op = 's') AS pending_snapshots,
+			 pg_catalog.min(captured_at) AS oldest_captured_at
+	  FROM portal_sync.outbox) o;
+
+/* patients: every enrolled patient and where their data stands. */
+CREATE VIEW portal_sync.patients AS
+SELECT e.patient_id,
+	   e.enrolled_at,
+	   e.enrolled_by,
+	   e.snapshot_requested_at,
+	   e.snapshot_accepted_at,
+	   (e.snapshot_accepted_at IS NOT NULL AND NOT e.purged) AS ready,
+	   (SELECT COALESCE(pg_catalog.sum(CASE WHEN o.op = 's' THEN 1 ELSE pg_catalog.cardinality(o.keys) END), 0)::bigint
+		FROM portal_sync.outbox o WHERE o.patient_id = e.patient_id) AS pending_events,
+	   (SELECT pg_catalog.count(*) FROM portal_sync.dead_letter d
+		WHERE d.patient_id = e.patient_id) AS dead_letters,
+	   e.last_delivered_at
+FROM portal_sync.enrollment e;
+
+/* dead_letters: events the portal rejected. */
+CREATE VIEW portal_sync.dead_letters AS
+SELECT event_id, seq, patient_id, source, key, op, failed_at, http_status, reason
+FROM portal_sync.dead_letter;
+
 /* Nothing in the schema is for PUBLIC. */
 REVOKE ALL ON ALL TABLES IN SCHEMA portal_sync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA portal_sync FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA portal_sync FROM PUBLIC;
+
+/* The delivery worker of this database starts now, not at the next scan. */
+SELECT portal_sync.start_worker();

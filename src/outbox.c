@@ -29,7 +29,9 @@
 #include "utils/rel.h"
 #include "utils/timestamp.h"
 
+#include "miscadmin.h"
 #include "portal_sync.h"
+#include "shared_state.h"
 
 /* Column numbers of portal_sync.outbox, as created by the install script. */
 #define Natts_outbox				6
@@ -44,6 +46,9 @@
 
 /* Column numbers of portal_sync.skipped_row */
 #define Natts_skipped_row			3
+
+/* Did the current transaction queue events? */
+static bool events_queued = false;
 
 struct OutboxWriter
 {
@@ -236,11 +241,43 @@ outbox_count_skipped(int32 source_id, int64 row_count)
 }
 
 /*
+ * At commit of a transaction that queued events, wake the delivery worker
+ * of the database, so that delivery starts within milliseconds.
+ */
+static void
+wake_worker_at_commit(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (events_queued)
+				wake_worker_of_database(MyDatabaseId);
+			events_queued = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			events_queued = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
  * Remember that this transaction queued events, so that the delivery
- * worker can be woken when it commits.
+ * worker is woken when it commits.
  */
 void
 outbox_note_queued(void)
 {
-	/* The delivery worker does not exist yet; nothing to wake. */
+	static bool callback_registered = false;
+
+	if (!callback_registered)
+	{
+		RegisterXactCallback(wake_worker_at_commit, NULL);
+		callback_registered = true;
+	}
+	events_queued = true;
 }

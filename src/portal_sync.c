@@ -19,6 +19,7 @@
 #include "utils/guc.h"
 
 #include "portal_sync.h"
+#include "shared_state.h"
 
 PG_MODULE_MAGIC;
 
@@ -175,4 +176,7 @@ _PG_init(void)
 		return;
 
 	define_settings();
+	shared_state_install_hooks();
+	database_hook_install();
+	register_launcher();
 }

@@ -1,0 +1,248 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.c
+ *		POSTing batches to the portal with libcurl.
+ *
+ * One easy handle is kept for the life of the worker so that the TLS
+ * connection to the portal is reused between batches.  Peer and host are
+ * always verified; plain http:// is accepted only to loopback addresses
+ * unless portal_sync.allow_insecure_http is on.  A request in flight is
+ * abandoned as soon as the worker is asked to stop.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <arpa/inet.h>
+#include <curl/curl.h>
+
+#include "miscadmin.h"
+#include "utils/datetime.h"
+#include "utils/timestamp.h"
+
+#include "delivery.h"
+#include "portal_sync.h"
+
+/* Most bytes of a response body kept; the rest is read and dropped. */
+#define MAX_RESPONSE_BYTES	(1024 * 1024)
+
+static CURL *curl_handle = NULL;
+
+/*
+ * Response body collector.
+ */
+static size_t
+collect_body(char *data, size_t size, size_t nmemb, void *userdata)
+{
+	HttpResult *result = (HttpResult *) userdata;
+	size_t		bytes = size * nmemb;
+
+	if (result->body.len + bytes <= MAX_RESPONSE_BYTES)
+		appendBinaryStringInfo(&result->body, data, bytes);
+	return bytes;
+}
+
+/*
+ * Header collector: only Retry-After matters.
+ */
+static size_t
+collect_header(char *data, size_t size, size_t nmemb, void *userdata)
+{
+	HttpResult *result = (HttpResult *) userdata;
+	size_t		bytes = size * nmemb;
+	static const char name[] = "retry-after:";
+
+	if (bytes > sizeof(name) - 1 && pg_strncasecmp(data, name, sizeof(name) - 1) == 0)
+	{
+		char	   *value = pnstrdup(data + sizeof(name) - 1, bytes - (sizeof(name) - 1));
+
+		result->retry_after_ms = parse_retry_after(value, GetCurrentTimestamp());
+		pfree(value);
+	}
+	return bytes;
+}
+
+/*
+ * Progress callback: abandon the request when the worker must stop.
+ */
+static int
+check_for_stop(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+			   curl_off_t ultotal, curl_off_t ulnow)
+{
+	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
+}
+
+/*
+ * Parse a Retry-After value, in seconds or as an HTTP-date; returns the
+ * delay in milliseconds, or -1 if the value is not understood.
+ */
+int64
+parse_retry_after(const char *value, TimestampTz now)
+{
+	const char *p = value;
+	char	   *end;
+	long		seconds;
+
+	while (*p == ' ' || *p == '\t')
+		p++;
+	if (*p >= '0' && *p <= '9')
+	{
+		errno = 0;
+		seconds = strtol(p, &end, 10);
+		while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
+			end++;
+		if (errno != 0 || *end != '\0' || seconds < 0)
+			return -1;
+		return Min((int64) seconds, (int64) 86400) * 1000;
+	}
+	else
+	{
+		time_t		when = curl_getdate(p, NULL);
+		pg_time_t	now_unix = timestamptz_to_time_t(now);
+
+		if (when == -1)
+			return -1;
+		if (when <= now_unix)
+			return 0;
+		return Min((int64) (when - now_unix), (int64) 86400) * 1000;
+	}
+}
+
+/*
+ * Is the endpoint one the worker may send to?  On refusal, *reason says
+ * why (without the URL's credentials or path).
+ */
+bool
+endpoint_is_allowed(const char *endpoint, bool allow_insecure_http, const char **reason)
+{
+	CURLU	   *url = curl_url();
+	char	   *scheme = NULL;
+	char	   *host = NULL;
+	bool		allowed = false;
+
+	*reason = NULL;
+	if (curl_url_set(url, CURLUPART_URL, endpoint, 0) != CURLUE_OK ||
+		curl_url_get(url, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+		curl_url_get(url, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+		*reason = "portal_sync.endpoint is not a valid URL";
+	else if (pg_strcasecmp(scheme, "https") == 0)
+		allowed = true;
+	else if (pg_strcasecmp(scheme, "http") != 0)
+		*reason = "portal_sync.endpoint must be an https:// URL";
+	else if (allow_insecure_http || host_is_loopback(host))
+		allowed = true;
+	else
+		*reason = "plain http:// is only allowed to loopback addresses (set portal_sync.allow_insecure_http to override)";
+
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(url);
+	return allowed;
+}
+
+/*
+ * Is a URL host a loopback address: localhost, 127.0.0.0/8 or ::1?
+ */
+bool
+host_is_loopback(const char *host)
+{
+	struct in_addr addr4;
+	struct in6_addr addr6;
+	char		bare[INET6_ADDRSTRLEN + 2];
+	size_t		len = strlen(host);
+
+	if (pg_strcasecmp(host, "localhost") == 0)
+		return true;
+	if (inet_pton(AF_INET, host, &addr4) == 1)
+		return (ntohl(addr4.s_addr) >> 24) == 127;
+	if (len > 2 && len < sizeof(bare) && host[0] == '[' && host[len - 1] == ']')
+	{
+		memcpy(bare, host + 1, len - 2);
+		bare[len - 2] = '\0';
+		if (inet_pton(AF_INET6, bare, &addr6) == 1)
+			return IN6_IS_ADDR_LOOPBACK(&addr6);
+	}
+	return false;
+}
+
+/*
+ * Set up libcurl once per worker.
+ */
+void
+http_init(void)
+{
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
+		elog(ERROR, "portal_sync: could not initialize libcurl");
+	curl_handle = curl_easy_init();
+	if (curl_handle == NULL)
+		elog(ERROR, "portal_sync: could not create a libcurl handle");
+}
+
+/*
+ * POST a body to the endpoint; fills *result.  Never raises an error for
+ * a failure of the request itself: those are results to act upon.
+ */
+void
+http_post(const HttpRequest *request, HttpResult *result)
+{
+	struct curl_slist *headers = NULL;
+	char		header[1024];
+	CURLcode	code;
+	long		status = 0;
+
+	initStringInfo(&result->body);
+	result->status = 0;
+	result->retry_after_ms = -1;
+	result->transport_error[0] = '\0';
+
+	curl_easy_reset(curl_handle);
+	curl_easy_setopt(curl_handle, CURLOPT_URL, request->endpoint);
+	curl_easy_setopt(curl_handle, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(curl_handle, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(curl_handle, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(curl_handle, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(curl_handle, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (request->ca_file != NULL && request->ca_file[0] != '\0')
+		curl_easy_setopt(curl_handle, CURLOPT_CAINFO, request->ca_file);
+	curl_easy_setopt(curl_handle, CURLOPT_TIMEOUT_MS, (long) request->timeout_ms);
+	curl_easy_setopt(curl_handle, CURLOPT_CONNECTTIMEOUT_MS, (long) request->timeout_ms);
+	curl_easy_setopt(curl_handle, CURLOPT_POST, 1L);
+	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDS, request->body);
+	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) request->body_len);
+	curl_easy_setopt(curl_handle, CURLOPT_WRITEFUNCTION, collect_body);
+	curl_easy_setopt(curl_handle, CURLOPT_WRITEDATA, result);
+	curl_easy_setopt(curl_handle, CURLOPT_HEADERFUNCTION, collect_header);
+	curl_easy_setopt(curl_handle, CURLOPT_HEADERDATA, result);
+	curl_easy_setopt(curl_handle, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(curl_handle, CURLOPT_XFERINFOFUNCTION, check_for_stop);
+	curl_easy_setopt(curl_handle, CURLOPT_USERAGENT, "portal_sync/" PORTAL_SYNC_VERSION);
+
+	headers = curl_slist_append(headers, "Content-Type: application/json");
+	headers = curl_slist_append(headers, "Expect:");
+	snprintf(header, sizeof(header), "Idempotency-Key: %s", request->batch_id);
+	headers = curl_slist_append(headers, header);
+	if (request->token != NULL && request->token[0] != '\0')
+	{
+		char	   *auth = psprintf("Authorization: Bearer %s", request->token);
+
+		headers = curl_slist_append(headers, auth);
+		explicit_bzero(auth, strlen(auth));
+		pfree(auth);
+	}
+	curl_easy_setopt(curl_handle, CURLOPT_HTTPHEADER, headers);
+
+	code = curl_easy_perform(curl_handle);
+	curl_slist_free_all(headers);
+	/* libcurl keeps no copy of the header list once the transfer is done */
+
+	if (code == CURLE_OK)
+	{
+		curl_easy_getinfo(curl_handle, CURLINFO_RESPONSE_CODE, &status);
+		result->status = (int) status;
+	}
+	else
+		strlcpy(result->transport_error, curl_easy_strerror(code),
+				sizeof(result->transport_error));
+}

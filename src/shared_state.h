@@ -1,0 +1,86 @@
+/*-------------------------------------------------------------------------
+ *
+ * shared_state.h
+ *		Shared memory layout of portal_sync.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef PORTAL_SYNC_SHARED_STATE_H
+#define PORTAL_SYNC_SHARED_STATE_H
+
+#include "postgres.h"
+
+#include "storage/condition_variable.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "utils/timestamp.h"
+
+/* What a delivery worker is doing, as portal_sync.status shows it. */
+typedef enum WorkerState
+{
+	WORKER_NOT_RUNNING = 0,
+	WORKER_RUNNING,				/* sending */
+	WORKER_IDLE,				/* nothing to send */
+	WORKER_BACKING_OFF,			/* waiting to retry after a failure */
+	WORKER_DISABLED,			/* settings.enabled is false */
+	WORKER_UNCONFIGURED			/* no usable endpoint */
+} WorkerState;
+
+#define WORKER_ERROR_LEN 256
+
+/* One delivery worker, serving one database. */
+typedef struct WorkerSlot
+{
+	/* Owned by the launcher (under the lock) */
+	bool		in_use;
+	Oid			dboid;
+	TimestampTz paused_until;	/* not restarted before (DROP DATABASE...) */
+
+	/* Owned by the worker (under the lock) */
+	pid_t		pid;
+	Latch	   *latch;
+	bool		extension_missing;	/* exited: extension not installed */
+	WorkerState state;
+	uint64		delivered_total;
+	int			consecutive_failures;
+	bool		auth_failure;
+	TimestampTz last_error_at;
+	TimestampTz next_attempt_at;
+	char		last_error[WORKER_ERROR_LEN];
+
+	/* wait_ready() sleeps here; broadcast when a snapshot is accepted */
+	ConditionVariable ready_cv;
+} WorkerSlot;
+
+typedef struct PortalSyncShared
+{
+	LWLock	   *lock;
+	int			max_workers;
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch;
+	bool		scan_requested;
+	Oid			requested_database;
+	WorkerSlot	slots[FLEXIBLE_ARRAY_MEMBER];
+} PortalSyncShared;
+
+extern PortalSyncShared *portal_sync_shared;
+
+extern void shared_state_install_hooks(void);
+extern WorkerSlot *worker_slot_for_database(Oid dboid);
+extern void wake_worker_of_database(Oid dboid);
+extern void wake_launcher_for_database(Oid dboid);
+
+/* database_hook.c */
+extern void database_hook_install(void);
+
+/* launcher.c */
+extern void register_launcher(void);
+extern PGDLLEXPORT void portal_sync_launcher_main(Datum arg);
+
+/* worker.c */
+extern PGDLLEXPORT void portal_sync_worker_main(Datum arg);
+extern const char *worker_state_name(WorkerState state);
+
+#endif							/* PORTAL_SYNC_SHARED_STATE_H */

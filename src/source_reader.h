@@ -1,0 +1,56 @@
+/*-------------------------------------------------------------------------
+ *
+ * source_reader.h
+ *		Reading the attached tables at send time.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef PORTAL_SYNC_SOURCE_READER_H
+#define PORTAL_SYNC_SOURCE_READER_H
+
+#include "nodes/pg_list.h"
+
+#include "portal_sync.h"
+#include "string_map.h"
+
+/* An attached table as the worker reads it. */
+typedef struct WorkerSource
+{
+	int32		source_id;
+	SourceKind	kind;
+	char	   *kind_name;
+	char	   *name;
+	char	   *rows_by_key_sql;
+	char	   *snapshot_sql;
+	char	   *keys_of_patient_sql;
+	char	   *chart_sql;		/* kind patient only */
+} WorkerSource;
+
+/* A row read by key; entries of a string map keyed by the row's key. */
+typedef struct SourceRow
+{
+	char	   *key;
+	char	   *patient_id;
+	bool		shareable;
+	char	   *data_json;		/* when shareable */
+} SourceRow;
+
+/* Chart privacy of a patient; entries of a string map keyed by patient. */
+typedef struct ChartState
+{
+	char	   *patient_id;
+	bool		shareable;
+} ChartState;
+
+extern int	spi_query(const char *sql, int nargs, Oid *types, Datum *values,
+					  const char *nulls, bool read_only);
+extern List *load_worker_sources(void);
+extern void set_sharing_parameters(const char *date_cutoff, int32 max_privacy_level);
+extern void read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows);
+extern void read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *charts);
+extern void read_snapshot_rows(WorkerSource *source, const char *patient_id);
+extern void read_keys_of_patient(WorkerSource *source, const char *patient_id);
+
+#endif							/* PORTAL_SYNC_SOURCE_READER_H */

@@ -1,0 +1,84 @@
+/*-------------------------------------------------------------------------
+ *
+ * status.c
+ *		SQL functions that read the delivery worker's shared state.
+ *
+ * portal_sync.status joins what only the worker knows (its pid, state,
+ * last error, backoff) with what the tables say (pending events, dead
+ * letters, deliveries).  Starting the worker on CREATE EXTENSION is here
+ * too: it is a message to the launcher through the same shared state.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "portal_sync.h"
+#include "shared_state.h"
+
+PG_FUNCTION_INFO_V1(portal_sync_worker_status);
+PG_FUNCTION_INFO_V1(portal_sync_start_worker);
+
+/*
+ * portal_sync.start_worker() RETURNS void
+ *
+ * Ask the launcher to start this database's worker now.
+ */
+Datum
+portal_sync_start_worker(PG_FUNCTION_ARGS)
+{
+	wake_launcher_for_database(MyDatabaseId);
+	PG_RETURN_VOID();
+}
+
+/*
+ * portal_sync.worker_status() RETURNS record
+ *
+ * The worker's own view of itself, for the status view.
+ */
+Datum
+portal_sync_worker_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[7];
+	bool		nulls[7] = {false};
+	WorkerSlot *slot;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
+	slot = worker_slot_for_database(MyDatabaseId);
+	if (slot == NULL || slot->pid == 0 || slot->extension_missing)
+	{
+		nulls[0] = true;
+		values[1] = CStringGetTextDatum(worker_state_name(WORKER_NOT_RUNNING));
+		for (int i = 2; i < 7; i++)
+			nulls[i] = true;
+	}
+	else
+	{
+		values[0] = Int32GetDatum(slot->pid);
+		values[1] = CStringGetTextDatum(worker_state_name(slot->state));
+		if (slot->last_error[0] != '\0')
+			values[2] = CStringGetTextDatum(slot->last_error);
+		else
+			nulls[2] = true;
+		values[3] = TimestampTzGetDatum(slot->last_error_at);
+		nulls[3] = slot->last_error_at == 0;
+		values[4] = Int32GetDatum(slot->consecutive_failures);
+		values[5] = TimestampTzGetDatum(slot->next_attempt_at);
+		nulls[5] = slot->next_attempt_at == 0;
+		values[6] = Int64GetDatum((int64) slot->delivered_total);
+	}
+	LWLockRelease(portal_sync_shared->lock);
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

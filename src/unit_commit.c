@@ -1,0 +1,312 @@
+/*-------------------------------------------------------------------------
+ *
+ * unit_commit.c
+ *		Recording what the portal answered: the outbox entries it
+ *		consumed, dead letters, enrollment state and the delivery log.
+ *
+ * Runs in a short transaction after each POST.  An outbox entry is deleted
+ * once every key of it was accepted or dead-lettered; a partly consumed
+ * entry keeps the keys still owed.  If the worker dies between the
+ * portal's answer and this commit, the same events are sent again with
+ * the same event ids, and the portal drops the duplicates.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+
+#include "delivery.h"
+#include "shared_state.h"
+#include "source_reader.h"
+
+/*
+ * Build a text[] or int8[] datum.
+ */
+static Datum
+make_array(Datum *elements, int count, Oid element_type)
+{
+	if (element_type == TEXTOID)
+		return PointerGetDatum(construct_array(elements, count, TEXTOID, -1, false, TYPALIGN_INT));
+	return PointerGetDatum(construct_array(elements, count, INT8OID, 8, FLOAT8PASSBYVAL,
+										   TYPALIGN_DOUBLE));
+}
+
+/*
+ * Run a statement that must succeed.
+ */
+static void
+execute_or_fail(const char *sql, int nargs, Oid *types, Datum *values,
+				const char *nulls, int expected)
+{
+	int			ret = spi_query(sql, nargs, types, values, nulls, false);
+
+	if (ret != expected)
+		elog(ERROR, "portal_sync: recording a delivery failed: %s",
+			 SPI_result_code_string(ret));
+}
+
+/*
+ * Mark what an event consumes.
+ */
+static void
+apply_consumption(DeliveryUnit *unit, DeliveryEvent *event)
+{
+	ListCell   *lc;
+
+	foreach(lc, event->consumes)
+	{
+		Consumption *consumption = lfirst(lc);
+		OutboxEntry *entry = &unit->entries[consumption->entry];
+
+		if (consumption->key_index < 0)
+			entry->consumed = true;
+		else
+			entry->key_consumed[consumption->key_index] = true;
+		entry->changed = true;
+	}
+}
+
+/*
+ * Write back the entries whose consumption changed: delete the finished
+ * ones, shorten the others to the keys still owed.
+ */
+static void
+write_back_entries(DeliveryUnit *unit)
+{
+	Datum	   *finished = palloc(Max(unit->nentries, 1) * sizeof(Datum));
+	int			nfinished = 0;
+
+	for (int i = 0; i < unit->nentries; i++)
+	{
+		OutboxEntry *entry = &unit->entries[i];
+		Datum	   *remaining;
+		int			nremaining = 0;
+
+		if (!entry->changed)
+			continue;
+		entry->changed = false;
+
+		remaining = palloc(Max(entry->nkeys, 1) * sizeof(Datum));
+		if (!entry->consumed)
+		{
+			for (int k = 0; k < entry->nkeys; k++)
+				if (!entry->key_consumed[k])
+					remaining[nremaining++] = CStringGetTextDatum(entry->keys[k]);
+		}
+
+		if (entry->consumed || nremaining == 0)
+		{
+			entry->consumed = true;
+			finished[nfinished++] = Int64GetDatum(entry->seq);
+		}
+		else
+		{
+			Oid			types[2] = {INT8OID, TEXTARRAYOID};
+			Datum		values[2] = {Int64GetDatum(entry->seq),
+			make_array(remaining, nremaining, TEXTOID)};
+
+			execute_or_fail("UPDATE portal_sync.outbox SET keys = $2 WHERE seq = $1",
+							2, types, values, NULL, SPI_OK_UPDATE);
+		}
+	}
+
+	if (nfinished > 0)
+	{
+		Oid			types[1] = {INT8ARRAYOID};
+		Datum		values[1] = {make_array(finished, nfinished, INT8OID)};
+
+		execute_or_fail("DELETE FROM portal_sync.outbox WHERE seq = ANY ($1)",
+						1, types, values, NULL, SPI_OK_DELETE);
+	}
+}
+
+/*
+ * Keep a rejected event as a dead letter.
+ */
+static void
+insert_dead_letter(DeliveryEvent *event)
+{
+	Oid			types[9] = {TEXTOID, INT8OID, TEXTOID, INT4OID, TEXTOID, TEXTOID,
+	TEXTOID, INT4OID, TEXTOID};
+	Datum		values[9];
+	char		nulls[10] = "         ";
+
+	values[0] = CStringGetTextDatum(event->event_id);
+	values[1] = Int64GetDatum(event->seq);
+	values[2] = CStringGetTextDatum(event->patient_id);
+	values[3] = Int32GetDatum(event->source_id);
+	if (event->source_id == 0)
+		nulls[3] = 'n';
+	if (event->source_name != NULL)
+		values[4] = CStringGetTextDatum(event->source_name);
+	else
+		nulls[4] = 'n';
+	if (event->key != NULL)
+		values[5] = CStringGetTextDatum(event->key);
+	else
+		nulls[5] = 'n';
+	values[6] = CStringGetTextDatum(event_op_names[event->op]);
+	values[7] = Int32GetDatum(event->dead_status);
+	if (event->dead_reason != NULL)
+		values[8] = CStringGetTextDatum(event->dead_reason);
+	else
+		nulls[8] = 'n';
+
+	execute_or_fail("INSERT INTO portal_sync.dead_letter (event_id, seq, patient_id,"
+					" source_id, source, key, op, http_status, reason)"
+					" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+					" ON CONFLICT (event_id) DO UPDATE SET failed_at = pg_catalog.now(),"
+					" http_status = excluded.http_status, reason = excluded.reason",
+					9, types, values, nulls, SPI_OK_INSERT);
+}
+
+/*
+ * After a patient's snapshot was accepted: record it, and queue the
+ * patient's C-CDA documents, which are sent only now.
+ */
+static void
+snapshot_accepted(DeliveryEvent *end)
+{
+	Oid			types[2] = {TEXTOID, INT8OID};
+	Datum		values[2] = {CStringGetTextDatum(end->patient_id), Int64GetDatum(end->seq)};
+	List	   *sources;
+	ListCell   *lc;
+
+	execute_or_fail("UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
+					" purged = false WHERE patient_id = $1 AND COALESCE(snapshot_seq, 0) <= $2",
+					2, types, values, NULL, SPI_OK_UPDATE);
+
+	sources = load_worker_sources();
+	foreach(lc, sources)
+	{
+		WorkerSource *source = lfirst(lc);
+		Datum	   *keys;
+		int			nkeys;
+		Oid			insert_types[3] = {TEXTOID, INT4OID, TEXTARRAYOID};
+		Datum		insert_values[3];
+
+		if (source->kind != SOURCE_CCDA)
+			continue;
+		read_keys_of_patient(source, end->patient_id);
+		nkeys = (int) SPI_processed;
+		if (nkeys == 0)
+			continue;
+		keys = palloc(nkeys * sizeof(Datum));
+		for (int i = 0; i < nkeys; i++)
+			keys[i] = CStringGetTextDatum(SPI_getvalue(SPI_tuptable->vals[i],
+													   SPI_tuptable->tupdesc, 1));
+		SPI_freetuptable(SPI_tuptable);
+
+		insert_values[0] = CStringGetTextDatum(end->patient_id);
+		insert_values[1] = Int32GetDatum(source->source_id);
+		insert_values[2] = make_array(keys, nkeys, TEXTOID);
+		execute_or_fail("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+						" VALUES (pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+						" $1, $2, 'u', $3, pg_catalog.now())",
+						3, insert_types, insert_values, NULL, SPI_OK_INSERT);
+	}
+}
+
+/*
+ * After a patient's purge was accepted.
+ */
+static void
+purge_accepted(DeliveryEvent *purge)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(purge->patient_id)};
+
+	execute_or_fail("UPDATE portal_sync.enrollment SET purged = true, snapshot_accepted_at = NULL"
+					" WHERE patient_id = $1",
+					1, types, values, NULL, SPI_OK_UPDATE);
+}
+
+/*
+ * Record the answer to one POST of count events from first.  accepted:
+ * the portal took the batch (2xx), except events marked dead.  Otherwise
+ * only events marked dead are resolved (dead-lettered).
+ */
+void
+record_batch_result(DeliveryUnit *unit, int first, int count,
+					const char *batch_id, TimestampTz sent_at,
+					int http_status, bool accepted)
+{
+	Datum	   *patients = palloc(Max(count, 1) * sizeof(Datum));
+	int			npatients = 0;
+	bool		snapshot_done = false;
+	Oid			log_types[6] = {TEXTOID, TIMESTAMPTZOID, BOOLOID, INT4OID, INT4OID, TEXTARRAYOID};
+	Datum		log_values[6];
+	char		log_nulls[7] = "      ";
+
+	for (int i = first; i < first + count; i++)
+	{
+		DeliveryEvent *event = list_nth(unit->events, i);
+		bool		seen = false;
+
+		for (int p = npatients - 1; p >= 0 && p >= npatients - 8; p--)
+			if (strcmp(TextDatumGetCString(patients[p]), event->patient_id) == 0)
+				seen = true;
+		if (!seen)
+			patients[npatients++] = CStringGetTextDatum(event->patient_id);
+
+		if (event->dead)
+		{
+			insert_dead_letter(event);
+			apply_consumption(unit, event);
+		}
+		else if (accepted)
+		{
+			apply_consumption(unit, event);
+			if (event->op == EVENT_SNAPSHOT_END)
+			{
+				snapshot_accepted(event);
+				snapshot_done = true;
+			}
+			else if (event->op == EVENT_PURGE)
+				purge_accepted(event);
+		}
+	}
+	write_back_entries(unit);
+
+	if (accepted)
+	{
+		Oid			types[1] = {TEXTARRAYOID};
+		Datum		values[1] = {make_array(patients, npatients, TEXTOID)};
+
+		execute_or_fail("UPDATE portal_sync.enrollment SET last_delivered_at = pg_catalog.now()"
+						" WHERE patient_id = ANY ($1)",
+						1, types, values, NULL, SPI_OK_UPDATE);
+	}
+
+	log_values[0] = CStringGetTextDatum(batch_id);
+	log_values[1] = TimestampTzGetDatum(sent_at);
+	log_values[2] = BoolGetDatum(accepted);
+	log_values[3] = Int32GetDatum(http_status);
+	if (http_status == 0)
+		log_nulls[3] = 'n';
+	log_values[4] = Int32GetDatum(count);
+	log_values[5] = make_array(patients, npatients, TEXTOID);
+	execute_or_fail("INSERT INTO portal_sync.delivery_log (batch_id, sent_at, accepted_at,"
+					" http_status, events, patient_ids)"
+					" VALUES ($1, $2, CASE WHEN $3 THEN pg_catalog.now() END, $4, $5,"
+					" ARRAY(SELECT DISTINCT pg_catalog.unnest($6)))",
+					6, log_types, log_values, log_nulls, SPI_OK_INSERT);
+
+	if (snapshot_done)
+		unit->snapshot_accepted = true;
+}
+
+/*
+ * Write back the entries the builder consumed without an event.
+ */
+void
+record_silent_consumption(DeliveryUnit *unit)
+{
+	write_back_entries(unit);
+}

@@ -1,0 +1,184 @@
+/*-------------------------------------------------------------------------
+ *
+ * wire.c
+ *		The JSON of the wire protocol, with json-c.
+ *
+ * Each event is serialized once, when its unit is built, so that a batch
+ * body is the concatenation of its events and a batch can be cut to
+ * portal_sync.max_batch_bytes without serializing twice.  The portal's
+ * answer is parsed here too: only its "rejected" list matters.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <json.h>
+
+#include "lib/stringinfo.h"
+#include "utils/memutils.h"
+
+#include "delivery.h"
+
+const char *const event_op_names[] = {
+	[EVENT_UPSERT] = "upsert",
+	[EVENT_DELETE] = "delete",
+	[EVENT_SNAPSHOT_BEGIN] = "snapshot_begin",
+	[EVENT_SNAPSHOT_END] = "snapshot_end",
+	[EVENT_PURGE] = "purge"
+};
+
+/* Most bytes of a reason kept from the portal's answer. */
+#define MAX_REASON_LEN 500
+
+/*
+ * Copy a json-c string into palloc'd memory and release the object.
+ */
+static char *
+take_json_string(json_object *object, size_t *len)
+{
+	size_t		length;
+	const char *text = json_object_to_json_string_length(object,
+														 JSON_C_TO_STRING_PLAIN |
+														 JSON_C_TO_STRING_NOSLASHESCAPE,
+														 &length);
+	char	   *copy = palloc(length + 1);
+
+	memcpy(copy, text, length + 1);
+	json_object_put(object);
+	if (len != NULL)
+		*len = length;
+	return copy;
+}
+
+/*
+ * Serialize one event.  data_json is the row as to_json() gave it, for
+ * upserts; kind is the source's kind (NULL for markers).
+ */
+char *
+serialize_event(const DeliveryEvent *event, const char *kind,
+				const char *captured_at, const char *data_json, size_t *len)
+{
+	json_object *object = json_object_new_object();
+
+	json_object_object_add(object, "event_id", json_object_new_string(event->event_id));
+	json_object_object_add(object, "seq", json_object_new_int64(event->seq));
+	json_object_object_add(object, "patient_id", json_object_new_string(event->patient_id));
+	if (event->source_name != NULL)
+	{
+		json_object_object_add(object, "source", json_object_new_string(event->source_name));
+		json_object_object_add(object, "kind", json_object_new_string(kind));
+	}
+	json_object_object_add(object, "op", json_object_new_string(event_op_names[event->op]));
+	if (event->key != NULL)
+		json_object_object_add(object, "key", json_object_new_string(event->key));
+	if (data_json != NULL)
+	{
+		json_object *data = json_tokener_parse(data_json);
+
+		if (data == NULL)
+			elog(ERROR, "portal_sync: a row of source \"%s\" did not convert to JSON",
+				 event->source_name);
+		json_object_object_add(object, "data", data);
+	}
+	json_object_object_add(object, "captured_at", json_object_new_string(captured_at));
+
+	return take_json_string(object, len);
+}
+
+/*
+ * The body of one POST: the envelope around count events from first.
+ */
+char *
+build_batch_body(const char *batch_id, const char *practice_id,
+				 List *events, int first, int count, size_t *len)
+{
+	StringInfoData body;
+	json_object *id = json_object_new_string(batch_id);
+	json_object *practice = json_object_new_string(practice_id);
+	size_t		total = 64;
+
+	for (int i = first; i < first + count; i++)
+		total += ((DeliveryEvent *) list_nth(events, i))->json_len + 1;
+
+	initStringInfo(&body);
+	enlargeStringInfo(&body, (int) Min(total, (size_t) MaxAllocSize / 2));
+	appendStringInfoString(&body, "{\"batch_id\":");
+	appendStringInfoString(&body, json_object_to_json_string_ext(id, JSON_C_TO_STRING_PLAIN));
+	appendStringInfoString(&body, ",\"practice_id\":");
+	appendStringInfoString(&body, json_object_to_json_string_ext(practice, JSON_C_TO_STRING_PLAIN));
+	appendStringInfoString(&body, ",\"events\":[");
+	for (int i = first; i < first + count; i++)
+	{
+		DeliveryEvent *event = list_nth(events, i);
+
+		if (i > first)
+			appendStringInfoChar(&body, ',');
+		appendBinaryStringInfo(&body, event->json, event->json_len);
+	}
+	appendStringInfoString(&body, "]}");
+	json_object_put(id);
+	json_object_put(practice);
+
+	*len = body.len;
+	return body.data;
+}
+
+/*
+ * The events a 2xx answer rejects: {"rejected":[{"event_id":..,"reason":..}]}.
+ * Anything else in the body, or a body that is not JSON, rejects nothing.
+ */
+List *
+parse_rejected_list(const char *body, size_t len)
+{
+	json_tokener *tokener;
+	json_object *root;
+	json_object *rejected;
+	List	   *result = NIL;
+
+	if (len == 0)
+		return NIL;
+
+	tokener = json_tokener_new_ex(32);
+	if (tokener == NULL)
+		return NIL;
+	root = json_tokener_parse_ex(tokener, body, (int) Min(len, (size_t) INT_MAX));
+	if (json_tokener_get_error(tokener) != json_tokener_success)
+	{
+		if (root != NULL)
+			json_object_put(root);
+		root = NULL;
+	}
+	json_tokener_free(tokener);
+	if (root == NULL)
+		return NIL;
+
+	if (json_object_is_type(root, json_type_object) &&
+		json_object_object_get_ex(root, "rejected", &rejected) &&
+		json_object_is_type(rejected, json_type_array))
+	{
+		size_t		n = json_object_array_length(rejected);
+
+		for (size_t i = 0; i < n; i++)
+		{
+			json_object *item = json_object_array_get_idx(rejected, i);
+			json_object *event_id;
+			json_object *reason;
+			RejectedEvent *entry;
+
+			if (!json_object_is_type(item, json_type_object) ||
+				!json_object_object_get_ex(item, "event_id", &event_id) ||
+				!json_object_is_type(event_id, json_type_string))
+				continue;
+			entry = palloc0(sizeof(RejectedEvent));
+			entry->event_id = pstrdup(json_object_get_string(event_id));
+			if (json_object_object_get_ex(item, "reason", &reason) &&
+				json_object_is_type(reason, json_type_string))
+				entry->reason = pnstrdup(json_object_get_string(reason), MAX_REASON_LEN);
+			result = lappend(result, entry);
+		}
+	}
+	json_object_put(root);
+	return result;
+}

@@ -1,0 +1,677 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The delivery worker of one database.
+ *
+ * The loop follows worker_spi: wait on the latch (set at commit by every
+ * transaction that queued events, and by a periodic sweep), reset it,
+ * handle interrupts and configuration reloads, then do one step of work.
+ * A step either builds the next delivery unit (a short transaction), or
+ * POSTs one batch of it (no transaction open) and records the answer (a
+ * short transaction).  Failures of the portal are retried with
+ * exponential backoff and jitter; only an event the portal rejects is
+ * dead-lettered.  Any error ends the process; the launcher starts it again
+ * a second later and everything resumes from the tables.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "delivery.h"
+#include "shared_state.h"
+
+/* How often an idle worker looks at the outbox without being woken. */
+#define SWEEP_INTERVAL_MS			5000
+
+/* How long to wait when the head of the outbox must wait. */
+#define BLOCKED_RETRY_MS			100
+
+/* First delay after a failure; doubled per failure up to retry_max_delay. */
+#define FIRST_RETRY_DELAY_MS		1000
+
+/* Most bytes of the portal's answer kept as a dead letter's reason. */
+#define MAX_REASON_BYTES			300
+
+/* One POST of a unit: count events from first. */
+typedef struct Batch
+{
+	int			first;
+	int			count;
+	char		batch_id[33];
+	char	   *body;
+	size_t		body_len;
+} Batch;
+
+/* What the worker is in the middle of. */
+typedef struct DeliveryState
+{
+	DeliveryUnit *unit;
+	int			cursor;			/* next event to put in a batch */
+	List	   *split_stack;	/* of Batch *: halves still to send */
+	Batch	   *batch;			/* being sent (or retried) */
+	TimestampTz next_attempt_at;
+	char	   *token;
+	SharingSettings settings;
+} DeliveryState;
+
+static WorkerSlot *my_slot = NULL;
+static pg_prng_state backoff_prng;
+
+/*
+ * Names of the states, as portal_sync.status shows them.
+ */
+const char *
+worker_state_name(WorkerState state)
+{
+	switch (state)
+	{
+		case WORKER_RUNNING:
+			return "running";
+		case WORKER_IDLE:
+			return "idle";
+		case WORKER_BACKING_OFF:
+			return "backing_off";
+		case WORKER_DISABLED:
+			return "disabled";
+		case WORKER_UNCONFIGURED:
+			return "unconfigured";
+		case WORKER_NOT_RUNNING:
+			break;
+	}
+	return "not_running";
+}
+
+/*
+ * Publish the worker's state.
+ */
+static void
+set_state(WorkerState state)
+{
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	my_slot->state = state;
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * Publish a problem that keeps the worker from delivering.  The message
+ * never holds clinical content or the token.
+ */
+static void
+report_problem(WorkerState state, const char *message)
+{
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	if (strcmp(my_slot->last_error, message) != 0 || my_slot->state != state)
+	{
+		strlcpy(my_slot->last_error, message, WORKER_ERROR_LEN);
+		my_slot->last_error_at = GetCurrentTimestamp();
+	}
+	my_slot->state = state;
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * Leave the slot when the process exits.
+ */
+static void
+worker_detach(int code, Datum arg)
+{
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	my_slot->latch = NULL;
+	my_slot->pid = 0;
+	my_slot->state = WORKER_NOT_RUNNING;
+	LWLockRelease(portal_sync_shared->lock);
+	ConditionVariableBroadcast(&my_slot->ready_cv);
+}
+
+/*
+ * Start a short transaction with SPI and a snapshot.
+ */
+static void
+begin_work(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/*
+ * Commit the short transaction and report our statistics, so that
+ * autovacuum sees the outbox churn.
+ */
+static void
+end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Exit quietly if the extension was dropped from this database.  The
+ * caller is in a transaction.
+ */
+static void
+exit_if_extension_dropped(void)
+{
+	if (OidIsValid(get_extension_oid("portal_sync", true)))
+		return;
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	my_slot->extension_missing = true;
+	LWLockRelease(portal_sync_shared->lock);
+	if (IsTransactionState())
+		AbortCurrentTransaction();
+	proc_exit(0);
+}
+
+/*
+ * Read the token from portal_sync.auth_token_file or auth_token.  Returns
+ * false, with a problem reported, when the file cannot be read.
+ */
+static bool
+load_token(DeliveryState *delivery)
+{
+	if (delivery->token != NULL)
+	{
+		explicit_bzero(delivery->token, strlen(delivery->token));
+		pfree(delivery->token);
+		delivery->token = NULL;
+	}
+
+	if (portal_sync_auth_token_file != NULL && portal_sync_auth_token_file[0] != '\0')
+	{
+		FILE	   *file = AllocateFile(portal_sync_auth_token_file, "r");
+		char		buffer[4096];
+		size_t		len;
+
+		if (file == NULL)
+		{
+			report_problem(WORKER_UNCONFIGURED, "could not read portal_sync.auth_token_file");
+			return false;
+		}
+		len = fread(buffer, 1, sizeof(buffer) - 1, file);
+		FreeFile(file);
+		buffer[len] = '\0';
+		while (len > 0 && (buffer[len - 1] == '\n' || buffer[len - 1] == '\r' ||
+						   buffer[len - 1] == ' ' || buffer[len - 1] == '\t'))
+			buffer[--len] = '\0';
+		delivery->token = MemoryContextStrdup(TopMemoryContext, buffer);
+		explicit_bzero(buffer, sizeof(buffer));
+	}
+	else if (portal_sync_auth_token != NULL && portal_sync_auth_token[0] != '\0')
+		delivery->token = MemoryContextStrdup(TopMemoryContext, portal_sync_auth_token);
+	return true;
+}
+
+/*
+ * Drop the current unit and everything about it.
+ */
+static void
+forget_unit(DeliveryState *delivery)
+{
+	if (delivery->unit != NULL)
+		MemoryContextDelete(delivery->unit->context);
+	delivery->unit = NULL;
+	delivery->batch = NULL;
+	delivery->split_stack = NIL;
+	delivery->cursor = 0;
+}
+
+/*
+ * Build the next unit.  Returns false if there is nothing to send.
+ */
+static bool
+start_next_unit(DeliveryState *delivery, bool *blocked)
+{
+	MemoryContext context;
+	DeliveryUnit *unit;
+
+	*blocked = false;
+	context = AllocSetContextCreate(TopMemoryContext, "portal_sync unit",
+									ALLOCSET_DEFAULT_SIZES);
+
+	begin_work("portal_sync: reading the outbox");
+	exit_if_extension_dropped();
+	{
+		MemoryContext oldcontext = MemoryContextSwitchTo(context);
+
+		read_sharing_settings(&delivery->settings);
+		MemoryContextSwitchTo(oldcontext);
+	}
+	if (!delivery->settings.enabled)
+	{
+		end_work();
+		MemoryContextDelete(context);
+		report_problem(WORKER_DISABLED, "delivery is disabled in portal_sync.settings");
+		return false;
+	}
+	unit = build_delivery_unit(&delivery->settings, portal_sync_batch_size, context);
+	record_silent_consumption(unit);
+	end_work();
+
+	/* settings strings live in the unit's context */
+	delivery->unit = unit;
+	delivery->cursor = 0;
+	*blocked = unit->blocked;
+	if (list_length(unit->events) == 0)
+	{
+		bool		more = unit->more_pending && !unit->blocked;
+
+		forget_unit(delivery);
+		return more;
+	}
+	return true;
+}
+
+/*
+ * Cut the next batch from the unit: the top of the split stack, or the
+ * events from the cursor up to batch_size and max_batch_bytes (a larger
+ * single event goes alone).
+ */
+static Batch *
+next_batch(DeliveryState *delivery)
+{
+	DeliveryUnit *unit = delivery->unit;
+	Batch	   *batch;
+	size_t		max_bytes = (size_t) portal_sync_max_batch_bytes * 1024;
+	size_t		bytes = 128;
+	uint8		random_id[16];
+
+	if (delivery->split_stack != NIL)
+	{
+		batch = llast(delivery->split_stack);
+		delivery->split_stack = list_delete_last(delivery->split_stack);
+	}
+	else
+	{
+		int			total = list_length(unit->events);
+
+		if (delivery->cursor >= total)
+			return NULL;
+		batch = MemoryContextAllocZero(unit->context, sizeof(Batch));
+		batch->first = delivery->cursor;
+		while (delivery->cursor < total && batch->count < portal_sync_batch_size)
+		{
+			DeliveryEvent *event = list_nth(unit->events, delivery->cursor);
+
+			if (batch->count > 0 && bytes + event->json_len + 1 > max_bytes)
+				break;
+			bytes += event->json_len + 1;
+			batch->count++;
+			delivery->cursor++;
+		}
+	}
+
+	if (!pg_strong_random(random_id, sizeof(random_id)))
+		elog(ERROR, "could not generate a batch id");
+	hex_encode((char *) random_id, sizeof(random_id), batch->batch_id);
+	batch->batch_id[32] = '\0';
+	{
+		MemoryContext oldcontext = MemoryContextSwitchTo(unit->context);
+
+		batch->body = build_batch_body(batch->batch_id, delivery->settings.practice_id,
+									   unit->events, batch->first, batch->count,
+									   &batch->body_len);
+		MemoryContextSwitchTo(oldcontext);
+	}
+	return batch;
+}
+
+/*
+ * Split a batch the portal refused as a whole into two halves, the first
+ * to be sent first.
+ */
+static void
+split_batch(DeliveryState *delivery, Batch *batch)
+{
+	Batch	   *first = MemoryContextAllocZero(delivery->unit->context, sizeof(Batch));
+	Batch	   *second = MemoryContextAllocZero(delivery->unit->context, sizeof(Batch));
+
+	first->first = batch->first;
+	first->count = batch->count / 2;
+	second->first = batch->first + first->count;
+	second->count = batch->count - first->count;
+	delivery->split_stack = lappend(delivery->split_stack, second);
+	delivery->split_stack = lappend(delivery->split_stack, first);
+}
+
+/*
+ * A reason for a dead letter from the portal's answer; never logged.
+ */
+static char *
+answer_reason(HttpResult *result)
+{
+	if (result->body.len == 0)
+		return psprintf("HTTP %d", result->status);
+	return pnstrdup(result->body.data, Min(result->body.len, MAX_REASON_BYTES));
+}
+
+/*
+ * Record the answer to a batch in a short transaction.
+ */
+static void
+record_answer(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
+			  int status, bool accepted)
+{
+	begin_work("portal_sync: recording a delivery");
+	exit_if_extension_dropped();
+	record_batch_result(delivery->unit, batch->first, batch->count, batch->batch_id,
+						sent_at, status, accepted);
+	end_work();
+
+	if (delivery->unit->snapshot_accepted)
+	{
+		delivery->unit->snapshot_accepted = false;
+		ConditionVariableBroadcast(&my_slot->ready_cv);
+	}
+}
+
+/*
+ * After a failed attempt: wait longer each time, with jitter, or as long
+ * as the portal's Retry-After says.
+ */
+static void
+back_off(DeliveryState *delivery, HttpResult *result, const char *error, bool auth)
+{
+	int			failures;
+	int64		delay;
+	TimestampTz now = GetCurrentTimestamp();
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	failures = ++my_slot->consecutive_failures;
+	LWLockRelease(portal_sync_shared->lock);
+
+	delay = FIRST_RETRY_DELAY_MS;
+	for (int i = 1; i < failures && delay < portal_sync_retry_max_delay; i++)
+		delay *= 2;
+	delay = Min(delay, (int64) portal_sync_retry_max_delay);
+	delay = delay / 2 + (int64) pg_prng_uint64_range(&backoff_prng, 0, (uint64) delay / 2);
+	if (result->retry_after_ms >= 0)
+		delay = result->retry_after_ms;
+
+	delivery->next_attempt_at = TimestampTzPlusMilliseconds(now, delay);
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	strlcpy(my_slot->last_error, error, WORKER_ERROR_LEN);
+	my_slot->last_error_at = now;
+	my_slot->next_attempt_at = delivery->next_attempt_at;
+	my_slot->auth_failure = auth;
+	my_slot->state = WORKER_BACKING_OFF;
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * After an accepted batch.
+ */
+static void
+note_success(int delivered)
+{
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	my_slot->consecutive_failures = 0;
+	my_slot->auth_failure = false;
+	my_slot->next_attempt_at = 0;
+	my_slot->delivered_total += delivered;
+	my_slot->state = WORKER_RUNNING;
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * Mark the events of a 2xx answer's "rejected" list dead; returns how many
+ * of the batch's events were accepted.
+ */
+static int
+apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result)
+{
+	List	   *rejected = parse_rejected_list(result->body.data, result->body.len);
+	int			accepted = batch->count;
+	ListCell   *lc;
+
+	foreach(lc, rejected)
+	{
+		RejectedEvent *rejection = lfirst(lc);
+
+		for (int i = batch->first; i < batch->first + batch->count; i++)
+		{
+			DeliveryEvent *event = list_nth(delivery->unit->events, i);
+
+			if (!event->dead && strcmp(event->event_id, rejection->event_id) == 0)
+			{
+				event->dead = true;
+				event->dead_status = result->status;
+				event->dead_reason = MemoryContextStrdup(delivery->unit->context,
+														 rejection->reason ? rejection->reason : "rejected");
+				accepted--;
+			}
+		}
+	}
+	return accepted;
+}
+
+/*
+ * POST the current batch and act on the answer.
+ */
+static void
+send_batch(DeliveryState *delivery, const char *endpoint)
+{
+	Batch	   *batch = delivery->batch;
+	HttpRequest request;
+	HttpResult	result;
+	TimestampTz sent_at = GetCurrentTimestamp();
+	int			status;
+
+	set_state(WORKER_RUNNING);
+	request.endpoint = endpoint;
+	request.token = delivery->token;
+	request.ca_file = portal_sync_ca_file;
+	request.timeout_ms = portal_sync_http_timeout;
+	request.batch_id = batch->batch_id;
+	request.body = batch->body;
+	request.body_len = batch->body_len;
+
+	pgstat_report_activity(STATE_RUNNING, "portal_sync: sending a batch");
+	http_post(&request, &result);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	CHECK_FOR_INTERRUPTS();
+	status = result.status;
+
+	if (status >= 200 && status < 300)
+	{
+		int			accepted = apply_rejected_list(delivery, batch, &result);
+
+		record_answer(delivery, batch, sent_at, status, true);
+		note_success(accepted);
+		delivery->batch = NULL;
+	}
+	else if (status == 401 || status == 403)
+	{
+		record_answer(delivery, batch, sent_at, status, false);
+		back_off(delivery, &result,
+				 psprintf("authentication failed: the portal answered HTTP %d", status), true);
+	}
+	else if (status == 0 || status == 408 || status == 425 || status == 429 ||
+			 status >= 500 || status < 200 || (status >= 300 && status < 400))
+	{
+		char	   *error = status == 0
+			? psprintf("request failed: %s", result.transport_error)
+			: psprintf("the portal answered HTTP %d", status);
+
+		record_answer(delivery, batch, sent_at, status, false);
+		back_off(delivery, &result, error, false);
+	}
+	else if (batch->count == 1)
+	{
+		DeliveryEvent *event = list_nth(delivery->unit->events, batch->first);
+
+		event->dead = true;
+		event->dead_status = status;
+		event->dead_reason = MemoryContextStrdup(delivery->unit->context, answer_reason(&result));
+		record_answer(delivery, batch, sent_at, status, false);
+		note_success(0);
+		delivery->batch = NULL;
+	}
+	else
+	{
+		/* 413 or another 4xx: find the event the portal refuses */
+		record_answer(delivery, batch, sent_at, status, false);
+		split_batch(delivery, batch);
+		delivery->batch = NULL;
+	}
+	pfree(result.body.data);
+}
+
+/*
+ * One step of work; returns how long to sleep before the next one.
+ */
+static long
+delivery_step(DeliveryState *delivery)
+{
+	const char *reason;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (portal_sync_endpoint == NULL || portal_sync_endpoint[0] == '\0')
+	{
+		report_problem(WORKER_UNCONFIGURED, "portal_sync.endpoint is not set");
+		return SWEEP_INTERVAL_MS;
+	}
+	if (!endpoint_is_allowed(portal_sync_endpoint, portal_sync_allow_insecure_http, &reason))
+	{
+		report_problem(WORKER_UNCONFIGURED, reason);
+		return SWEEP_INTERVAL_MS;
+	}
+
+	if (delivery->next_attempt_at > now)
+		return (long) ((delivery->next_attempt_at - now) / 1000) + 1;
+
+	if (delivery->unit == NULL)
+	{
+		bool		blocked;
+
+		if (!start_next_unit(delivery, &blocked))
+		{
+			LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+			if (my_slot->state != WORKER_DISABLED)
+				my_slot->state = WORKER_IDLE;
+			LWLockRelease(portal_sync_shared->lock);
+			return blocked ? BLOCKED_RETRY_MS : SWEEP_INTERVAL_MS;
+		}
+		if (delivery->unit == NULL)
+			return 0;
+	}
+
+	if (delivery->batch == NULL)
+		delivery->batch = next_batch(delivery);
+	if (delivery->batch == NULL)
+	{
+		bool		blocked = delivery->unit->blocked;
+
+		forget_unit(delivery);
+		return blocked ? BLOCKED_RETRY_MS : 0;
+	}
+
+	send_batch(delivery, portal_sync_endpoint);
+	return 0;
+}
+
+/*
+ * Main function of a delivery worker.
+ */
+void
+portal_sync_worker_main(Datum arg)
+{
+	int			slot_index = DatumGetInt32(arg);
+	Oid			dboid;
+	DeliveryState delivery;
+	long		sleep_ms = 0;
+
+	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
+	my_slot = &portal_sync_shared->slots[slot_index];
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	my_slot->pid = MyProcPid;
+	my_slot->latch = MyLatch;
+	my_slot->state = WORKER_IDLE;
+	my_slot->consecutive_failures = 0;
+	my_slot->next_attempt_at = 0;
+	LWLockRelease(portal_sync_shared->lock);
+	before_shmem_exit(worker_detach, (Datum) 0);
+
+	/* A database without the extension: say so and leave. */
+	begin_work("portal_sync: starting");
+	exit_if_extension_dropped();
+	if (SPI_execute("SELECT COALESCE(pg_catalog.sum(events), 0)::int8"
+					" FROM portal_sync.delivery_log WHERE accepted_at IS NOT NULL",
+					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		total = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+		my_slot->delivered_total = isnull ? 0 : (uint64) DatumGetInt64(total);
+		LWLockRelease(portal_sync_shared->lock);
+	}
+	end_work();
+
+	pg_prng_seed(&backoff_prng, (uint64) MyProcPid ^ (uint64) GetCurrentTimestamp());
+	memset(&delivery, 0, sizeof(delivery));
+	forget_snapshot_horizons();
+	http_init();
+	(void) load_token(&delivery);
+
+	for (;;)
+	{
+		if (sleep_ms > 0)
+			(void) WaitLatch(MyLatch,
+							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 sleep_ms,
+							 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (!load_token(&delivery))
+			{
+				sleep_ms = SWEEP_INTERVAL_MS;
+				continue;
+			}
+			/* a new endpoint or token deserves an attempt now */
+			delivery.next_attempt_at = 0;
+		}
+
+		sleep_ms = delivery_step(&delivery);
+	}
+}
