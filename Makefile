@@ -23,3 +23,6 @@ SHLIB_LINK = $(shell pkg-config --libs libcurl json-c)
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Every object depends on the project's headers.
+$(OBJS): $(wildcard src/*.h)

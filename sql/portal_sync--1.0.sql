@@ -104,6 +104,15 @@ CREATE TABLE portal_sync.installation (
 );
 INSERT INTO portal_sync.installation DEFAULT VALUES;
 
+/*
+ * resync_queue: patients whose snapshot resync_all() asked for, moved to
+ * the outbox by the worker at portal_sync.resync_rate per second.
+ */
+CREATE TABLE portal_sync.resync_queue (
+	patient_id text COLLATE "C" PRIMARY KEY,
+	requested_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
 /* dead_letter: events the portal rejected, kept until retried. */
 CREATE TABLE portal_sync.dead_letter (
 	event_id text PRIMARY KEY,
@@ -148,6 +157,7 @@ SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.skipped_row', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.installation', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.resync_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.dead_letter', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.delivery_log', '');
 
@@ -170,6 +180,23 @@ CREATE FUNCTION portal_sync.detach(source regclass) RETURNS void
 
 CREATE FUNCTION portal_sync.enroll(patient_id text) RETURNS boolean
 	AS 'MODULE_PATHNAME', 'portal_sync_enroll' LANGUAGE C STRICT;
+
+/* Operating it (admin.c) */
+CREATE FUNCTION portal_sync.resync_patient(patient_id text) RETURNS bigint
+	AS 'MODULE_PATHNAME', 'portal_sync_resync_patient' LANGUAGE C STRICT;
+
+CREATE FUNCTION portal_sync.resync_all() RETURNS bigint
+	AS 'MODULE_PATHNAME', 'portal_sync_resync_all' LANGUAGE C STRICT;
+
+CREATE FUNCTION portal_sync.retry_dead_letters(patient_id text DEFAULT NULL) RETURNS bigint
+	AS 'MODULE_PATHNAME', 'portal_sync_retry_dead_letters' LANGUAGE C CALLED ON NULL INPUT;
+
+CREATE FUNCTION portal_sync.is_ready(patient_id text) RETURNS boolean
+	AS 'MODULE_PATHNAME', 'portal_sync_is_ready' LANGUAGE C STRICT;
+
+CREATE FUNCTION portal_sync.wait_ready(patient_id text, timeout interval DEFAULT '30s')
+	RETURNS boolean
+	AS 'MODULE_PATHNAME', 'portal_sync_wait_ready' LANGUAGE C STRICT;
 
 /* Wakes the launcher so that it starts this database's worker. */
 CREATE FUNCTION portal_sync.start_worker() RETURNS void
@@ -221,7 +248,8 @@ SELECT w.worker_pid,
 FROM portal_sync.worker_status() w,
 	 (SELECT COALESCE(pg_catalog.sum(CASE WHEN op = 's' THEN 1 ELSE pg_catalog.cardinality(keys) END), 0)::bigint
 				AS pending_events,
-			 pg_catalog.count(*) FILTER (WHERE op = 's') AS pending_snapshots,
+			 pg_catalog.count(*) FILTER (WHERE op = 's')
+				+ (SELECT pg_catalog.count(*) FROM portal_sync.resync_queue) AS pending_snapshots,
 			 pg_catalog.min(captured_at) AS oldest_captured_at
 	  FROM portal_sync.outbox) o;
 

@@ -381,25 +381,11 @@ static void
 capture_truncate(SourceConfig *config)
 {
 	ExtensionOwnerContext owner;
-	int			ret;
 
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute("WITH resync AS ("
-					  "  UPDATE portal_sync.enrollment"
-					  "  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
-					  "      snapshot_requested_at = pg_catalog.statement_timestamp()"
-					  "  RETURNING patient_id, snapshot_seq)"
-					  " INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
-					  " SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
-					  " FROM resync",
-					  false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "queueing snapshots after TRUNCATE failed: %s",
-			 SPI_result_code_string(ret));
-	if (SPI_processed > 0)
-		outbox_note_queued();
+	(void) queue_resync(NULL, NULL);
 	SPI_finish();
 	restore_user(&owner);
 }

@@ -53,6 +53,56 @@ static const char *const enroll_sql =
 " FROM enrolled";
 
 /*
+ * Queue a snapshot for one enrolled patient, or for all of them when
+ * patient_id is NULL.  Returns the number queued; *last_seq gets the seq
+ * of the last one.  The caller runs as the extension's owner, connected
+ * to SPI.
+ */
+int64
+queue_resync(const char *patient_id, int64 *last_seq)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	char		nulls[2] = " ";
+	int			ret;
+	int64		count;
+
+	if (patient_id != NULL)
+		values[0] = CStringGetTextDatum(patient_id);
+	else
+		nulls[0] = 'n';
+
+	ret = SPI_execute_with_args("WITH resync AS ("
+								"  UPDATE portal_sync.enrollment"
+								"  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+								"      snapshot_requested_at = pg_catalog.statement_timestamp()"
+								"  WHERE $1 IS NULL OR patient_id = $1"
+								"  RETURNING patient_id, snapshot_seq)"
+								" INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+								" SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
+								" FROM resync ORDER BY snapshot_seq RETURNING seq",
+								1, types, values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "queueing snapshots failed: %s", SPI_result_code_string(ret));
+	count = (int64) SPI_processed;
+	if (last_seq != NULL)
+	{
+		*last_seq = 0;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			bool		isnull;
+			int64		seq = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+														  SPI_tuptable->tupdesc, 1, &isnull));
+
+			*last_seq = Max(*last_seq, seq);
+		}
+	}
+	if (count > 0)
+		outbox_note_queued();
+	return count;
+}
+
+/*
  * Switch to the owner of schema portal_sync (the extension's owner) with a
  * search_path that only holds pg_catalog, for work that the current role
  * must not be able to do or to influence.

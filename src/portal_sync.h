@@ -99,6 +99,7 @@ extern void outbox_note_queued(void);
 /* Enrollment (enroll.c) */
 extern bool patient_is_enrolled(const char *patient_id);
 extern bool enroll_patient(const char *patient_id, const char *enrolled_by);
+extern int64 queue_resync(const char *patient_id, int64 *last_seq);
 
 /* Running a piece of work as the extension's owner (enroll.c) */
 typedef struct ExtensionOwnerContext

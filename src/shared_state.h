@@ -49,9 +49,6 @@ typedef struct WorkerSlot
 	TimestampTz last_error_at;
 	TimestampTz next_attempt_at;
 	char		last_error[WORKER_ERROR_LEN];
-
-	/* wait_ready() sleeps here; broadcast when a snapshot is accepted */
-	ConditionVariable ready_cv;
 } WorkerSlot;
 
 typedef struct PortalSyncShared
@@ -62,6 +59,8 @@ typedef struct PortalSyncShared
 	Latch	   *launcher_latch;
 	bool		scan_requested;
 	Oid			requested_database;
+	/* wait_ready() sleeps here; broadcast when any snapshot is accepted */
+	ConditionVariable ready_cv;
 	WorkerSlot	slots[FLEXIBLE_ARRAY_MEMBER];
 } PortalSyncShared;
 

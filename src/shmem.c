@@ -72,8 +72,7 @@ portal_sync_shmem_startup(void)
 		memset(portal_sync_shared, 0, shared_state_size());
 		portal_sync_shared->lock = &(GetNamedLWLockTranche("portal_sync"))->lock;
 		portal_sync_shared->max_workers = portal_sync_max_workers;
-		for (int i = 0; i < portal_sync_max_workers; i++)
-			ConditionVariableInit(&portal_sync_shared->slots[i].ready_cv);
+		ConditionVariableInit(&portal_sync_shared->ready_cv);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -72,6 +72,11 @@ typedef struct DeliveryState
 	TimestampTz next_attempt_at;
 	char	   *token;
 	SharingSettings settings;
+	double		resync_tokens;	/* snapshots resync_all may start now */
+	TimestampTz resync_refilled_at;
+	bool		resync_pending; /* the resync queue was not empty */
+	TimestampTz resync_checked_at;
+	TimestampTz housekeeping_at;
 } DeliveryState;
 
 static WorkerSlot *my_slot = NULL;
@@ -140,7 +145,6 @@ worker_detach(int code, Datum arg)
 	my_slot->pid = 0;
 	my_slot->state = WORKER_NOT_RUNNING;
 	LWLockRelease(portal_sync_shared->lock);
-	ConditionVariableBroadcast(&my_slot->ready_cv);
 }
 
 /*
@@ -240,6 +244,98 @@ forget_unit(DeliveryState *delivery)
 	delivery->batch = NULL;
 	delivery->split_stack = NIL;
 	delivery->cursor = 0;
+}
+
+/*
+ * Move patients from the resync queue to the outbox as snapshot requests,
+ * at most portal_sync.resync_rate per second (a token bucket), so that a
+ * practice-wide resync leaves room for incremental updates.
+ */
+static void
+promote_resyncs(DeliveryState *delivery)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	double		elapsed = (double) (now - delivery->resync_refilled_at) / USECS_PER_SEC;
+	int			budget;
+	Oid			types[1] = {INT4OID};
+	Datum		values[1];
+
+	delivery->resync_tokens = Min((double) portal_sync_resync_rate,
+								  delivery->resync_tokens + elapsed * portal_sync_resync_rate);
+	delivery->resync_refilled_at = now;
+	budget = (int) delivery->resync_tokens;
+	if (budget < 1)
+		return;
+
+	/* An empty queue is looked at once a second. */
+	if (!delivery->resync_pending && now < delivery->resync_checked_at)
+		return;
+	delivery->resync_checked_at = TimestampTzPlusMilliseconds(now, 1000);
+
+	values[0] = Int32GetDatum(budget);
+	begin_work("portal_sync: starting resync snapshots");
+	exit_if_extension_dropped();
+	if (SPI_execute_with_args("WITH due AS ("
+							  "  DELETE FROM portal_sync.resync_queue WHERE patient_id IN ("
+							  "    SELECT patient_id FROM portal_sync.resync_queue"
+							  "    ORDER BY requested_at, patient_id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+							  "  RETURNING patient_id),"
+							  " resync AS ("
+							  "  UPDATE portal_sync.enrollment e"
+							  "  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+							  "      snapshot_requested_at = pg_catalog.now()"
+							  "  FROM due WHERE e.patient_id = due.patient_id"
+							  "  RETURNING e.patient_id, e.snapshot_seq),"
+							  " queued AS ("
+							  "  INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+							  "  SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.now() FROM resync"
+							  "  RETURNING 1)"
+							  " SELECT (SELECT pg_catalog.count(*) FROM due),"
+							  "        (SELECT pg_catalog.count(*) FROM portal_sync.resync_queue)",
+							  1, types, values, NULL, false, 0) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		bool		isnull;
+		int64		moved = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														SPI_tuptable->tupdesc, 1, &isnull));
+		int64		left = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 2, &isnull));
+
+		delivery->resync_tokens -= moved;
+		delivery->resync_pending = left > moved;
+	}
+	end_work();
+}
+
+/*
+ * Once a minute: drop delivery_log rows older than log_retention, and fold
+ * old skipped_row counts into one row per source.
+ */
+static void
+housekeeping(DeliveryState *delivery)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Oid			types[1] = {INT4OID};
+	Datum		values[1] = {Int32GetDatum(portal_sync_log_retention)};
+
+	if (now < delivery->housekeeping_at)
+		return;
+	delivery->housekeeping_at = TimestampTzPlusMilliseconds(now, 60 * 1000);
+
+	begin_work("portal_sync: housekeeping");
+	exit_if_extension_dropped();
+	(void) SPI_execute_with_args("DELETE FROM portal_sync.delivery_log"
+								 " WHERE sent_at < pg_catalog.now() - pg_catalog.make_interval(mins => $1)",
+								 1, types, values, NULL, false, 0);
+	(void) SPI_execute("WITH old AS ("
+					   "  DELETE FROM portal_sync.skipped_row"
+					   "  WHERE skipped_at < pg_catalog.now() - interval '1 minute'"
+					   "  RETURNING source_id, skipped_at, row_count)"
+					   " INSERT INTO portal_sync.skipped_row (source_id, skipped_at, row_count)"
+					   " SELECT source_id, pg_catalog.max(skipped_at), pg_catalog.sum(row_count)"
+					   " FROM old GROUP BY source_id",
+					   false, 0);
+	end_work();
 }
 
 /*
@@ -387,7 +483,7 @@ record_answer(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
 	if (delivery->unit->snapshot_accepted)
 	{
 		delivery->unit->snapshot_accepted = false;
-		ConditionVariableBroadcast(&my_slot->ready_cv);
+		ConditionVariableBroadcast(&portal_sync_shared->ready_cv);
 	}
 }
 
@@ -571,13 +667,17 @@ delivery_step(DeliveryState *delivery)
 	{
 		bool		blocked;
 
+		housekeeping(delivery);
+		promote_resyncs(delivery);
 		if (!start_next_unit(delivery, &blocked))
 		{
 			LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 			if (my_slot->state != WORKER_DISABLED)
 				my_slot->state = WORKER_IDLE;
 			LWLockRelease(portal_sync_shared->lock);
-			return blocked ? BLOCKED_RETRY_MS : SWEEP_INTERVAL_MS;
+			if (blocked || delivery->resync_pending)
+				return BLOCKED_RETRY_MS;
+			return SWEEP_INTERVAL_MS;
 		}
 		if (delivery->unit == NULL)
 			return 0;
@@ -651,12 +751,18 @@ portal_sync_worker_main(Datum arg)
 
 	for (;;)
 	{
+		int			events = 0;
+
 		if (sleep_ms > 0)
-			(void) WaitLatch(MyLatch,
-							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 sleep_ms,
-							 PG_WAIT_EXTENSION);
+			events = WaitLatch(MyLatch,
+							   WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							   sleep_ms,
+							   PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+
+		/* woken by a commit: resync_all() may have queued work */
+		if (events & WL_LATCH_SET)
+			delivery.resync_checked_at = 0;
 		CHECK_FOR_INTERRUPTS();
 
 		if (ConfigReloadPending)
