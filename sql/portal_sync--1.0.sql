@@ -21,7 +21,7 @@ CREATE TABLE portal_sync.settings (
 );
 COMMENT ON TABLE portal_sync.settings IS
 	'Sharing rules of the practice: one row, change it with UPDATE';
-INSERT INTO portal_sync.settings DEFAULT VALUES;
+INSERT INTO portal_sync.settings DEFAULT VALUES;	-- before its triggers exist
 
 CREATE FUNCTION portal_sync.settings_keep_row() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS
@@ -34,8 +34,23 @@ END
 $$;
 CREATE TRIGGER settings_keep_row BEFORE DELETE OR TRUNCATE ON portal_sync.settings
 	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.settings_keep_row();
-CREATE TRIGGER settings_one_row BEFORE INSERT ON portal_sync.settings
-	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.settings_keep_row();
+
+/*
+ * An inserted row replaces the values of the one row instead of adding a
+ * second: that is how pg_restore brings back the practice's settings.
+ */
+CREATE FUNCTION portal_sync.settings_merge_insert() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS
+$$
+BEGIN
+	UPDATE portal_sync.settings
+	SET practice_id = NEW.practice_id, enabled = NEW.enabled,
+		date_cutoff = NEW.date_cutoff, max_privacy_level = NEW.max_privacy_level;
+	RETURN NULL;
+END
+$$;
+CREATE TRIGGER settings_merge_insert BEFORE INSERT ON portal_sync.settings
+	FOR EACH ROW EXECUTE FUNCTION portal_sync.settings_merge_insert();
 
 /*
  * source: one row per attached table.  Columns are kept by attribute number
@@ -151,7 +166,6 @@ CREATE TABLE portal_sync.skipped_row (
 );
 
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.settings', '');
-SELECT pg_catalog.pg_extension_config_dump('portal_sync.source', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
@@ -272,6 +286,27 @@ FROM portal_sync.enrollment e;
 CREATE VIEW portal_sync.dead_letters AS
 SELECT event_id, seq, patient_id, source, key, op, failed_at, http_status, reason
 FROM portal_sync.dead_letter;
+
+/*
+ * A dropped table is no longer attached.  (The settings of attached tables
+ * are not dumped by pg_dump: their columns are kept by number, which a
+ * restore does not preserve.  After a restore, attach the tables again.)
+ */
+CREATE FUNCTION portal_sync.forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS
+$$
+BEGIN
+	IF pg_catalog.to_regclass('portal_sync.source') IS NULL THEN
+		RETURN;		-- the extension itself is being dropped
+	END IF;
+	DELETE FROM portal_sync.source s
+	USING pg_catalog.pg_event_trigger_dropped_objects() d
+	WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+	  AND d.objsubid = 0 AND d.objid = s.relid;
+END
+$$;
+CREATE EVENT TRIGGER portal_sync_forget_dropped_tables ON sql_drop
+	EXECUTE FUNCTION portal_sync.forget_dropped_tables();
 
 /* Nothing in the schema is for PUBLIC. */
 REVOKE ALL ON ALL TABLES IN SCHEMA portal_sync FROM PUBLIC;

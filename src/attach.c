@@ -55,7 +55,7 @@ static const CaptureTrigger capture_triggers[] = {
 	{"portal_sync_capture_delete",
 	"DELETE ON %s REFERENCING OLD TABLE AS portal_sync_old"},
 	{"portal_sync_capture_truncate",
-	"TRUNCATE ON %s"},
+	"TRUNCATE ON %s"},			/* BEFORE: the rows are still there */
 };
 
 /* What attach() was asked, checked. */
@@ -198,17 +198,16 @@ check_relation(Relation rel)
 {
 	Form_pg_class form = RelationGetForm(rel);
 
-	if (form->relkind != RELKIND_RELATION &&
-		form->relkind != RELKIND_PARTITIONED_TABLE)
+	if (form->relkind == RELKIND_PARTITIONED_TABLE || form->relispartition)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("\"%s\" is partitioned or a partition", RelationGetRelationName(rel)),
+				 errdetail("Statements that name a partition would not be captured.")));
+	if (form->relkind != RELKIND_RELATION)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("\"%s\" is not a table", RelationGetRelationName(rel)),
-				 errdetail("Only tables and partitioned tables can be attached.")));
-	if (form->relispartition)
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("\"%s\" is a partition", RelationGetRelationName(rel)),
-				 errhint("Attach the partitioned table instead.")));
+				 errdetail("Only ordinary tables can be attached.")));
 	if (form->relpersistence == RELPERSISTENCE_TEMP)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
@@ -334,6 +333,29 @@ execute_with_args(const char *sql, int nargs, Oid *types, Datum *values,
 
 	if (ret != expected)
 		elog(ERROR, "SPI_execute_with_args failed: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * Refuse a second chart: there is one patient source, whose privacy
+ * column is the chart-level privacy.
+ */
+static void
+check_single_chart(AttachRequest *req)
+{
+	Oid			types[1] = {OIDOID};
+	Datum		values[1] = {ObjectIdGetDatum(req->relid)};
+
+	if (req->kind != SOURCE_PATIENT)
+		return;
+	execute_with_args("SELECT relid::pg_catalog.regclass::pg_catalog.text"
+					  " FROM portal_sync.source WHERE kind = 'patient' AND relid <> $1",
+					  1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("a patient source is already attached: %s",
+						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1)),
+				 errhint("Detach it first; the chart is one table.")));
 }
 
 /*
@@ -469,9 +491,11 @@ create_capture_triggers(AttachRequest *req)
 	for (int i = 0; i < lengthof(capture_triggers); i++)
 	{
 		char	   *event = psprintf(capture_triggers[i].definition, req->qualified_name);
-		char	   *sql = psprintf("CREATE TRIGGER %s AFTER %s FOR EACH STATEMENT"
+		bool		before = strncmp(event, "TRUNCATE", 8) == 0;
+		char	   *sql = psprintf("CREATE TRIGGER %s %s %s FOR EACH STATEMENT"
 								   " EXECUTE FUNCTION portal_sync.capture()",
-								   quote_identifier(capture_triggers[i].name), event);
+								   quote_identifier(capture_triggers[i].name),
+								   before ? "BEFORE" : "AFTER", event);
 
 		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
 			elog(ERROR, "creating trigger %s failed", capture_triggers[i].name);
@@ -508,6 +532,7 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 		elog(ERROR, "SPI_connect failed");
 
 	check_name_is_free(&req);
+	check_single_chart(&req);
 	store_source(&req);
 	drop_capture_triggers(req.relid, req.qualified_name);
 	create_capture_triggers(&req);
@@ -549,15 +574,17 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 
 	execute_with_args("DELETE FROM portal_sync.source WHERE relid = $1 RETURNING source_id",
 					  1, types, values, NULL, SPI_OK_DELETE_RETURNING);
-	if (SPI_processed == 0)
+	if (SPI_processed > 0)
+	{
+		types[0] = INT4OID;
+		values[0] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		execute_with_args("DELETE FROM portal_sync.outbox WHERE source_id = $1",
+						  1, types, values, NULL, SPI_OK_DELETE);
+	}
+	else if (!OidIsValid(get_trigger_oid(relid, capture_triggers[0].name, true)))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("\"%s\" is not attached to portal_sync", RelationGetRelationName(rel))));
-
-	types[0] = INT4OID;
-	values[0] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	execute_with_args("DELETE FROM portal_sync.outbox WHERE source_id = $1",
-					  1, types, values, NULL, SPI_OK_DELETE);
 	drop_capture_triggers(relid, qualified_name);
 
 	SPI_finish();

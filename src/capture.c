@@ -26,7 +26,9 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
+#include "catalog/pg_type.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/datum.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
@@ -112,7 +114,12 @@ flush_pending_keys(CaptureState *state, PatientEntry *entry,
 	if (pending->nkeys == 0)
 		return;
 	if (state->writer == NULL)
+	{
+		MemoryContext oldcontext = MemoryContextSwitchTo(state->statement_context);
+
 		state->writer = outbox_writer_open();
+		MemoryContextSwitchTo(oldcontext);
+	}
 	outbox_writer_add(state->writer, entry->patient_id,
 					  state->config->source_id, op,
 					  pending->keys, pending->nkeys);
@@ -374,18 +381,46 @@ capture_statement(CaptureState *state, Relation rel,
 }
 
 /*
- * TRUNCATE removed every row at once: each enrolled patient's snapshot is
+ * TRUNCATE is about to remove every row at once.  Insurance rows are sent
+ * whether the patient is enrolled or not, so each of them is reported
+ * gone; for the other kinds, every enrolled patient's snapshot is
  * requested again, which tells the portal to drop what it no longer holds.
  */
 static void
-capture_truncate(SourceConfig *config)
+capture_truncate(SourceConfig *config, Relation rel)
 {
 	ExtensionOwnerContext owner;
 
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	(void) queue_resync(NULL, NULL);
+	if (config->kind == SOURCE_INSURANCE)
+	{
+		Oid			relid = RelationGetRelid(rel);
+		const char *patient = quote_identifier(get_attname(relid, config->patient_attnum, false));
+		const char *key = quote_identifier(get_attname(relid, config->key_attnum, false));
+		Oid			types[1] = {INT4OID};
+		Datum		values[1] = {Int32GetDatum(config->source_id)};
+		char	   *sql;
+
+		sql = psprintf("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+					   " SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+					   "        patient, $1, 'd', keys, pg_catalog.statement_timestamp()"
+					   " FROM (SELECT t.%s::pg_catalog.text AS patient,"
+					   "              pg_catalog.array_agg(t.%s::pg_catalog.text) AS keys"
+					   "       FROM %s t WHERE t.%s IS NOT NULL AND t.%s IS NOT NULL"
+					   "       GROUP BY 1) gone",
+					   patient, key,
+					   quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+												  RelationGetRelationName(rel)),
+					   patient, key);
+		if (SPI_execute_with_args(sql, 1, types, values, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "recording a TRUNCATE failed");
+		if (SPI_processed > 0)
+			outbox_note_queued();
+	}
+	else
+		(void) queue_resync(NULL, NULL);
 	SPI_finish();
 	restore_user(&owner);
 }
@@ -468,8 +503,9 @@ portal_sync_capture(PG_FUNCTION_ARGS)
 	char		op;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
-		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
-		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event) ||
+		(!TRIGGER_FIRED_AFTER(trigdata->tg_event) &&
+		 !TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event)))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("portal_sync.capture() must be called as an AFTER ... FOR EACH STATEMENT trigger"),
@@ -478,11 +514,19 @@ portal_sync_capture(PG_FUNCTION_ARGS)
 	rel = trigdata->tg_relation;
 	config = source_config_lookup(RelationGetRelid(rel));
 	if (config == NULL)
-		return PointerGetDatum(NULL);	/* detached in this transaction */
+	{
+		/* Triggers without settings: restored from a dump, say. */
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("changes of \"%s\" are not sent to the portal: it has portal_sync's triggers but is not attached",
+						RelationGetRelationName(rel)),
+				 errhint("Run portal_sync.attach() for it again, or portal_sync.detach() to drop the triggers.")));
+		return PointerGetDatum(NULL);
+	}
 
 	if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
 	{
-		capture_truncate(config);
+		capture_truncate(config, rel);
 		return PointerGetDatum(NULL);
 	}
 

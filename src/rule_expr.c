@@ -29,26 +29,54 @@
 #include "portal_sync.h"
 
 /*
- * Report which function of a rule is not built in.
+ * Built-in functions that are not volatile and yet read the contents of
+ * tables: a rule must not call them.
+ */
+static const char *const table_reading_functions[] = {
+	"table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+	"schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+	"database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+	"cursor_to_xml", "cursor_to_xmlschema",
+	"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+	NULL
+};
+
+/*
+ * May a rule call this function?  Only built-in ones, and not those that
+ * read tables: user-defined functions could do anything.
  */
 static bool
-function_is_not_builtin(Oid funcid, void *context)
+function_is_forbidden(Oid funcid, void *context)
 {
-	return funcid >= FirstUnpinnedObjectId;
+	char	   *name;
+
+	if (funcid >= FirstUnpinnedObjectId)
+		return true;
+	name = get_func_name(funcid);
+	for (int i = 0; name != NULL && table_reading_functions[i] != NULL; i++)
+	{
+		if (strcmp(name, table_reading_functions[i]) == 0)
+			return true;
+	}
+	return false;
 }
 
 /*
- * Walker that finds the first function or operator of a rule that is not a
- * built-in one: user-defined functions could read other tables.
+ * Walker that finds the first forbidden function or operator of a rule,
+ * including those hidden in the CHECK constraints of a user-defined
+ * domain that the rule casts to.
  */
 static bool
-contains_non_builtin_function(Node *node, void *context)
+contains_forbidden_function(Node *node, void *context)
 {
 	if (node == NULL)
 		return false;
-	if (check_functions_in_node(node, function_is_not_builtin, context))
+	if (check_functions_in_node(node, function_is_forbidden, context))
 		return true;
-	return expression_tree_walker(node, contains_non_builtin_function, context);
+	if (IsA(node, CoerceToDomain) &&
+		((CoerceToDomain *) node)->resulttype >= FirstUnpinnedObjectId)
+		return true;
+	return expression_tree_walker(node, contains_forbidden_function, context);
 }
 
 /* What an error context callback needs to point into a rule's text. */
@@ -176,10 +204,10 @@ rule_expr_compile(Relation rel, const char *text, const char *what)
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("%s cannot use volatile functions", what)));
 
-	if (contains_non_builtin_function(expr, NULL))
+	if (contains_forbidden_function(expr, NULL))
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("%s can only use built-in functions and operators", what),
+				 errmsg("%s can only use built-in functions, operators and types that do not read tables", what),
 				 errhint("A rule may only use the columns of the row itself.")));
 
 	error_context_stack = callback.previous;

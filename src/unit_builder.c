@@ -184,7 +184,7 @@ read_outbox_entries(DeliveryUnit *unit, int limit)
 	unit->nentries = (int) SPI_processed;
 	unit->more_pending = SPI_processed == (uint64) limit;
 	unit->entries = palloc0(Max(unit->nentries, 1) * sizeof(OutboxEntry));
-	for (int i = 0; i < unit->nentries; i++)
+	for (int i = 0, nevents = 0; i < unit->nentries; i++)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
@@ -211,6 +211,15 @@ read_outbox_entries(DeliveryUnit *unit, int limit)
 			entry->key_consumed = palloc0(Max(count, 1) * sizeof(bool));
 		}
 		entry->captured_at = SPI_getvalue(tuple, desc, 6);
+
+		/* Enough entries for the unit: leave the rest for the next one. */
+		nevents += Max(entry->nkeys, 1);
+		if (nevents >= limit && i + 1 < unit->nentries)
+		{
+			unit->nentries = i + 1;
+			unit->more_pending = true;
+			break;
+		}
 	}
 	SPI_freetuptable(SPI_tuptable);
 }

@@ -718,6 +718,21 @@ portal_sync_worker_main(Datum arg)
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
+	/*
+	 * Every statement of the worker looks rows up by key or by patient.
+	 * Tables the EHR just filled have no statistics yet, and a planner
+	 * misled into sequential scans turns each batch into a full read.
+	 * JIT compilation would cost more than these small statements run.
+	 */
+	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
+	/*
+	 * A delivery recorded by a commit lost in a crash is sent again, with
+	 * the same event ids: the worker need not wait for its WAL flushes.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->pid = MyProcPid;
 	my_slot->latch = MyLatch;

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Runs portal_sync's whole test suite on a Debian 12 machine, from nothing:
+#
+#   sudo bash test/run-tests.sh
+#
+# 1. installs the Debian packages it needs, if any is missing;
+# 2. copies the source tree (without .git) to a build directory owned by
+#    `postgres` -- initdb, pg_regress temp instances and the TAP tests refuse
+#    to run as root, and chowning the checkout itself would make git refuse
+#    to work in it ("dubious ownership");
+# 3. builds there as `postgres`, installs as root (`make install`);
+# 4. runs `make installcheck` as `postgres`: the pg_regress tests in sql/
+#    against a temporary instance with shared_preload_libraries set
+#    (test/regress.conf), then the TAP tests in test/t/ if there are any.
+#
+# Exit code 0 only if everything passed.  On failure regression.diffs (and
+# the TAP logs) are printed and copied back into the checkout.
+#
+# Environment:
+#   PG_CONFIG                 default /usr/lib/postgresql/15/bin/pg_config
+#   PORTAL_SYNC_BUILD_DIR     default /var/tmp/portal_sync-build
+#   PORTAL_SYNC_SKIP_PACKAGES set to 1 to skip the package check
+#   PORTAL_SYNC_SKIP_INSTALL  set to 1 to skip `make install` (already done)
+set -euo pipefail
+
+SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+BUILD_DIR=${PORTAL_SYNC_BUILD_DIR:-/var/tmp/portal_sync-build}
+JOBS=$(nproc 2>/dev/null || echo 2)
+export DEBIAN_FRONTEND=noninteractive
+
+# Everything the build, the tests and the benchmarks use.
+PACKAGES=(
+	postgresql-15 postgresql-client-15 postgresql-server-dev-15
+	libcurl4-openssl-dev libjson-c-dev pkg-config gcc make
+	perl libipc-run-perl
+	nginx-light python3 ca-certificates openssl
+)
+
+say() { printf '\n=== %s\n' "$*"; }
+die() { printf 'run-tests: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run me as root (sudo bash test/run-tests.sh): packages and 'make install' need root; the tests themselves run as postgres"
+
+# ---------------------------------------------------------------- packages
+install_packages() {
+	local missing=() p
+	for p in "${PACKAGES[@]}"; do
+		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+			missing+=("$p")
+		fi
+	done
+	if [ "${#missing[@]}" -eq 0 ]; then
+		echo "all packages present"
+		return
+	fi
+	echo "installing: ${missing[*]}"
+	# Keep package scripts from starting services (the Debian cluster 15/main,
+	# nginx on port 80): the tests start their own servers.  Only a
+	# policy-rc.d we created ourselves is removed afterwards.
+	local made_policy=0
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+		chmod 755 /usr/sbin/policy-rc.d
+		made_policy=1
+	fi
+	local rc=0
+	{ apt-get update -q &&
+	  apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
+	[ "$made_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
+	[ "$rc" -eq 0 ] || die "apt-get failed ($rc)"
+}
+
+if [ "${PORTAL_SYNC_SKIP_PACKAGES:-0}" != 1 ]; then
+	say "packages"
+	install_packages
+fi
+[ -x "$PG_CONFIG" ] || die "$PG_CONFIG not found (postgresql-server-dev-15)"
+id postgres >/dev/null 2>&1 || die "no postgres user (postgresql-15 package)"
+
+# ---------------------------------------------------------------- build
+say "build in $BUILD_DIR"
+rm -rf "$BUILD_DIR"
+mkdir -p "$BUILD_DIR"
+# Copy the sources, leaving out git metadata and earlier build/test output.
+tar -C "$SRC_DIR" -cf - \
+	--exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
+	--exclude=./results --exclude=./tmp_check --exclude=./log \
+	--exclude=./regression.diffs --exclude=./regression.out . |
+	tar -C "$BUILD_DIR" -xf -
+chown -R postgres:postgres "$BUILD_DIR"
+cd "$BUILD_DIR"
+runuser -u postgres -- make -j"$JOBS" PG_CONFIG="$PG_CONFIG"
+
+if [ "${PORTAL_SYNC_SKIP_INSTALL:-0}" != 1 ]; then
+	say "install"
+	make install PG_CONFIG="$PG_CONFIG"
+	chown -R postgres:postgres "$BUILD_DIR"
+fi
+
+# ---------------------------------------------------------------- test
+say "make installcheck (as postgres)"
+LOG="$BUILD_DIR/installcheck.log"
+rc=0
+runuser -u postgres -- make installcheck PG_CONFIG="$PG_CONFIG" 2>&1 | tee "$LOG" || rc=$?
+
+# Count what ran: pg_regress tests and TAP test files.
+r_pass=0; r_fail=0; t_pass=0; t_fail=0
+if line=$(grep -E '^ *All [0-9]+ tests passed' "$LOG" | tail -n1); then
+	r_pass=$(sed -E 's/^ *All ([0-9]+).*/\1/' <<<"$line")
+elif line=$(grep -E '^ *[0-9]+ of [0-9]+ tests failed' "$LOG" | tail -n1); then
+	r_fail=$(sed -E 's/^ *([0-9]+) of.*/\1/' <<<"$line")
+	r_total=$(sed -E 's/^ *[0-9]+ of ([0-9]+).*/\1/' <<<"$line")
+	r_pass=$((r_total - r_fail))
+fi
+if grep -qE '^Files=[0-9]+' "$LOG"; then
+	t_total=$(grep -E '^Files=[0-9]+' "$LOG" | tail -n1 | sed -E 's/^Files=([0-9]+).*/\1/')
+	t_pass=$(grep -cE '\.pl \.+ ok' "$LOG" || true)
+	t_fail=$((t_total - t_pass))
+fi
+
+if [ "$rc" -ne 0 ]; then
+	say "FAILED (make installcheck exit $rc)"
+	if [ -s "$BUILD_DIR/regression.diffs" ]; then
+		echo "--- regression.diffs ---"
+		cat "$BUILD_DIR/regression.diffs"
+		cp "$BUILD_DIR/regression.diffs" "$SRC_DIR/regression.diffs" 2>/dev/null || true
+	fi
+	if [ -d "$BUILD_DIR/tmp_check/log" ]; then
+		for f in "$BUILD_DIR"/tmp_check/log/regress_log_*; do
+			[ -e "$f" ] || continue
+			echo "--- tail of $f ---"
+			tail -n 60 "$f"
+		done
+		rm -rf "$SRC_DIR/tmp_check_log"
+		cp -r "$BUILD_DIR/tmp_check/log" "$SRC_DIR/tmp_check_log" 2>/dev/null || true
+	fi
+	# A failure before any count (build or setup error) still counts as one.
+	[ $((r_fail + t_fail)) -gt 0 ] || r_fail=1
+fi
+
+total_run=$((r_pass + r_fail + t_pass + t_fail))
+if [ "$rc" -eq 0 ] && [ "$total_run" -eq 0 ]; then
+	say "no test ran"
+	exit 1
+fi
+echo
+echo "pg_regress: $r_pass passed, $r_fail failed; TAP files: $t_pass passed, $t_fail failed"
+echo "portal_sync: $((r_pass + t_pass)) passed, $((r_fail + t_fail)) failed"
+exit "$rc"
