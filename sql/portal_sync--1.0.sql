@@ -288,6 +288,129 @@ SELECT event_id, seq, patient_id, source, key, op, failed_at, http_status, reaso
 FROM portal_sync.dead_letter;
 
 /*
+ * explain: "why is this patient's data (not) on the portal?", one row per
+ * step, in order.  Runs as the extension's owner so that the DBA's role
+ * needs EXECUTE on it only.
+ */
+CREATE FUNCTION portal_sync.explain(patient_id text)
+RETURNS TABLE (step text, ok boolean, detail text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog AS
+$$
+DECLARE
+	p_id ALIAS FOR explain.patient_id;
+	e portal_sync.enrollment%ROWTYPE;
+	s record;
+	st record;
+	src record;
+	chart_privacy int;
+	chart_found boolean;
+	n_pending bigint;
+	oldest timestamptz;
+	n_dead bigint;
+	last_reason text;
+	by_date bigint;
+	by_privacy bigint;
+	by_rule bigint;
+	initiators text;
+BEGIN
+	SELECT * INTO s FROM portal_sync.settings;
+	SELECT * INTO e FROM portal_sync.enrollment en WHERE en.patient_id = p_id;
+
+	-- enrolled
+	IF FOUND THEN
+		RETURN QUERY SELECT 'enrolled', true,
+			format('enrolled by %s at %s', e.enrolled_by, e.enrolled_at);
+	ELSE
+		SELECT string_agg(format('%s (%s)', so.name,
+							COALESCE('when ' || so.enroll_when, 'any new row')), ', ' ORDER BY so.name)
+		INTO initiators
+		FROM portal_sync.sources so WHERE so.kind IN ('appointment', 'ccda', 'note', 'pin');
+		RETURN QUERY SELECT 'enrolled', false,
+			format('not enrolled: only insurance is sent; it starts with a new row in %s, or portal_sync.enroll()',
+				   COALESCE(initiators, 'no attached source'));
+	END IF;
+
+	-- chart
+	SELECT so.* INTO src FROM portal_sync.sources so WHERE so.kind = 'patient';
+	IF NOT FOUND THEN
+		RETURN QUERY SELECT 'chart', true, 'no patient source attached: every chart counts as unrestricted';
+	ELSE
+		EXECUTE format('SELECT %s FROM %s t WHERE t.%I = $1::%s',
+					   CASE WHEN src.privacy_col IS NULL THEN '0'
+							ELSE format('COALESCE(t.%I, 0)', src.privacy_col) END,
+					   src.source, src.patient_col,
+					   (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+						WHERE a.attrelid = src.source AND a.attname = src.patient_col))
+			INTO chart_privacy USING p_id;
+		chart_found := chart_privacy IS NOT NULL;
+		IF NOT chart_found THEN
+			RETURN QUERY SELECT 'chart', false, format('no row in %s: counts as restricted', src.source);
+		ELSIF chart_privacy > s.max_privacy_level THEN
+			RETURN QUERY SELECT 'chart', false,
+				format('restricted: chart privacy %s is above max_privacy_level %s', chart_privacy, s.max_privacy_level);
+		ELSE
+			RETURN QUERY SELECT 'chart', true,
+				format('chart privacy %s is within max_privacy_level %s', chart_privacy, s.max_privacy_level);
+		END IF;
+	END IF;
+
+	-- snapshot
+	IF e.patient_id IS NULL THEN
+		RETURN QUERY SELECT 'snapshot', false, 'no snapshot: not enrolled';
+	ELSIF e.purged THEN
+		RETURN QUERY SELECT 'snapshot', false, 'the portal purged this patient (chart restricted)';
+	ELSIF e.snapshot_accepted_at IS NOT NULL THEN
+		RETURN QUERY SELECT 'snapshot', true, format('accepted by the portal at %s', e.snapshot_accepted_at);
+	ELSE
+		RETURN QUERY SELECT 'snapshot', false, format('pending since %s', e.snapshot_requested_at);
+	END IF;
+
+	-- pending
+	SELECT COALESCE(sum(CASE WHEN o.op = 's' THEN 1 ELSE cardinality(o.keys) END), 0), min(o.captured_at)
+	INTO n_pending, oldest
+	FROM portal_sync.outbox o WHERE o.patient_id = p_id;
+	RETURN QUERY SELECT 'pending', n_pending = 0,
+		CASE WHEN n_pending = 0 THEN 'no events waiting'
+			 ELSE format('%s events waiting, oldest captured %s ago', n_pending, now() - oldest) END;
+
+	-- dead_letters
+	SELECT count(*), (array_agg(d.reason ORDER BY d.failed_at DESC))[1]
+	INTO n_dead, last_reason
+	FROM portal_sync.dead_letter d WHERE d.patient_id = p_id;
+	RETURN QUERY SELECT 'dead_letters', n_dead = 0,
+		CASE WHEN n_dead = 0 THEN 'none'
+			 ELSE format('%s rejected by the portal; last reason: %s', n_dead, last_reason) END;
+
+	-- withheld, per source
+	FOR src IN SELECT so.*, (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+							 WHERE a.attrelid = so.source AND a.attname = so.patient_col) AS patient_type
+			   FROM portal_sync.sources so ORDER BY so.name
+	LOOP
+		EXECUTE format('SELECT count(*) FILTER (WHERE %s), count(*) FILTER (WHERE %s),'
+					   ' count(*) FILTER (WHERE NOT COALESCE((%s), false))'
+					   ' FROM %s t WHERE t.%I = $1::%s',
+					   CASE WHEN src.date_col IS NULL THEN 'false'
+							ELSE format('$2 IS NOT NULL AND t.%I::date < $2', src.date_col) END,
+					   CASE WHEN src.privacy_col IS NULL THEN 'false'
+							ELSE format('COALESCE(t.%I, 0) > $3', src.privacy_col) END,
+					   COALESCE(src.share_when, 'true'),
+					   src.source, src.patient_col, src.patient_type)
+			INTO by_date, by_privacy, by_rule
+			USING p_id, s.date_cutoff, s.max_privacy_level;
+		RETURN QUERY SELECT 'withheld', by_date + by_privacy + by_rule = 0,
+			format('%s: %s by date, %s by privacy, %s by share_when', src.name, by_date, by_privacy, by_rule);
+	END LOOP;
+
+	-- worker
+	SELECT * INTO st FROM portal_sync.status;
+	RETURN QUERY SELECT 'worker', st.state IN ('running', 'idle'),
+		format('%s%s%s', st.state,
+			   CASE WHEN st.last_error IS NOT NULL THEN format('; last error: %s (at %s)', st.last_error, st.last_error_at) ELSE '' END,
+			   CASE WHEN st.next_attempt_at IS NOT NULL THEN format('; next attempt at %s', st.next_attempt_at) ELSE '' END);
+END
+$$;
+
+/*
  * A dropped table is no longer attached.  (The settings of attached tables
  * are not dumped by pg_dump: their columns are kept by number, which a
  * restore does not preserve.  After a restore, attach the tables again.)

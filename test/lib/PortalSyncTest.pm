@@ -95,7 +95,7 @@ sub ps_wait_until
 
 =pod
 
-=head2 ps_new_node(name, portal, [conf => text], [db => name], [no_setup => 1], [endpoint => url])
+=head2 ps_new_node(name, portal, [conf => text], [db => name], [no_setup => 1], [endpoint => url], [init => {init options}])
 
 A new initialized and started node with the library preloaded, the endpoint
 pointing at the portal, a short retry cap and HTTP timeout.  Unless no_setup,
@@ -108,7 +108,7 @@ sub ps_new_node
 {
 	my ($name, $portal, %opt) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(%{ $opt{init} || {} });
 	my $endpoint = $opt{endpoint}
 	  // ($portal ? $portal->url . '/events' : '');
 	$node->append_conf(
@@ -805,7 +805,7 @@ my $counter = 0;
 
 =pod
 
-=head2 PortalSyncTest::Portal->start([tls_cert => file, tls_key => file])
+=head2 PortalSyncTest::Portal->start([tls_cert => file, tls_key => file], [host => addr], [port => n])
 
 Starts test/portal/portal.py on a free loopback port and waits until it
 listens.  Its request log (no row data) goes to tmp_check/log.
@@ -821,7 +821,7 @@ sub start
 	  // $PostgreSQL::Test::Utils::tmp_check;
 	my $base = "$logdir/portal_${counter}_$$";
 	my @cmd = ('python3', "$root/test/portal/portal.py", '--port',
-		$opt{port} // 0, '--host', '127.0.0.1', '--log', "$base.requests");
+		$opt{port} // 0, '--host', $opt{host} // '127.0.0.1', '--log', "$base.requests");
 	push @cmd, '--tls-cert', $opt{tls_cert}, '--tls-key', $opt{tls_key}
 	  if $opt{tls_cert};
 	unlink("$base.out");

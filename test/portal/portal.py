@@ -410,6 +410,10 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
         super().setup()
         with self.server.app_conns_lock:
             self.server.app_conns.add(self.connection)
@@ -612,7 +616,10 @@ class App:
         srv.app_conns = set()
         srv.app_conns_lock = threading.Lock()
         if self.ssl_ctx:
-            srv.socket = self.ssl_ctx.wrap_socket(srv.socket, server_side=True)
+            # The handshake happens in the handler thread, so a client that
+            # never completes it cannot block the accept loop.
+            srv.socket = self.ssl_ctx.wrap_socket(
+                srv.socket, server_side=True, do_handshake_on_connect=False)
         self.port = srv.server_address[1]
         return srv
 

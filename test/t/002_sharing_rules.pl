@@ -224,8 +224,31 @@ one(q{UPDATE portal_sync.settings SET enabled = true});
 ok(ps_wait_drained($node, $db), 'drained after enabling again');
 ps_compare_state($node, $db, $portal, 'enabled again');
 
+# ---------------------------------------------------------------- resync_rate pacing
+ps_set_conf($node, 'portal_sync.resync_rate' => '4');
+one(q{SELECT pstest.make_patient(11)});
+ok(ps_wait_drained($node, $db), 'drained before paced resync');
+$mark = scalar @{ $portal->requests };
+my $enrolled = scalar @{ ps_enrolled($node, $db) };
+ps_query($node, $db, q{SELECT portal_sync.resync_all()});
+one(q{UPDATE ehr.insurance SET plan_name = 'during resync' WHERE patient_id = 11});
+ok(ps_wait_drained($node, $db, 120), 'drained after paced resync_all');
+my $rq = $portal->requests(since => $mark);
+my @begins = sort { $a <=> $b } map { $_->{time} } grep {
+	my $r = $_; grep { $_->{op} eq 'snapshot_begin' } @{ $r->{events} } } grep { $_->{status} =~ /^2/ } @$rq;
+my ($ins_req) = grep { my $r = $_; $r->{status} =~ /^2/ && grep { ($_->{source} // '') eq 'insurance' && $_->{patient_id} eq '11' } @{ $r->{events} } } @$rq;
+is(scalar(map { grep { $_->{op} eq 'snapshot_begin' } @{ $_->{events} } } grep { $_->{status} =~ /^2/ } @$rq), $enrolled,
+	'paced resync_all: a snapshot for every enrolled patient');
+my $spread = @begins ? $begins[-1] - $begins[0] : 0;
+cmp_ok($spread, '>=', ($enrolled - 1) / 4 - 0.75, "snapshots paced by resync_rate ($enrolled over ${spread}s)");
+ok($ins_req && @begins && $ins_req->{time} < $begins[-1],
+	'an incremental update is not starved by the resync');
+ps_set_conf($node, 'portal_sync.resync_rate' => undef);
+ps_compare_state($node, $db, $portal, 'after paced resync');
+
 ps_check_portal_invariants($portal, 'sharing rules');
 ps_check_event_ids_stable($portal->requests, 'sharing rules');
+ps_check_send_order($portal->requests, 'sharing rules');
 is(ps_status($node, $db)->{dead_letters}, 0, 'nothing dead-lettered');
 
 $node->stop;

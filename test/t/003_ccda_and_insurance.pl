@@ -133,6 +133,7 @@ $portal->mode({ mode => 'ok' });
 ps_compare_state($node, $db, $portal, 'at the end');
 ps_check_portal_invariants($portal, 'at the end');
 ps_check_event_ids_stable($portal->requests, 'at the end');
+ps_check_send_order($portal->requests, 'at the end');
 is(ps_status($node, $db)->{dead_letters}, 0, 'nothing dead-lettered');
 
 $node->stop;

@@ -16,6 +16,8 @@ use PortalSyncTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use POSIX ();
+use Time::HiRes qw(time);
 
 my $portal = PortalSyncTest::Portal->start;
 my $node = ps_new_node('failures', $portal);
@@ -92,6 +94,17 @@ like($s->{last_error} // '', qr/500/, 'last_error names the HTTP status');
 ok(defined $s->{last_error_at}, 'last_error_at set');
 ok(defined $s->{next_attempt_at}, 'next_attempt_at set while backing off');
 like($s->{state}, qr/^(backing_off|running)$/, "state while failing: $s->{state}");
+my $explain = eval { ps_sql_json($node, $db, q{SELECT * FROM portal_sync.explain('1')}) } || [];
+diag("explain failed: $@") if $@;
+my @steps;
+for (map { $_->{step} } @$explain) { push @steps, $_ unless @steps && $steps[-1] eq $_ }
+is(join(',', @steps), 'enrolled,chart,snapshot,pending,dead_letters,withheld,worker',
+	'explain: one row per step, in order');
+my ($wstep) = grep { $_->{step} eq 'worker' } @$explain;
+ok($wstep && !$wstep->{ok} && ($wstep->{detail} // '') =~ /500/, 'explain: worker step shows the failure')
+  or diag(explain $wstep);
+my ($pstep) = grep { $_->{step} eq 'pending' } @$explain;
+ok($pstep && !$pstep->{ok}, 'explain: pending step not ok while events wait') or diag(explain $pstep);
 # Backoff: the gaps between attempts grow up to retry_max_delay (2s).
 my @times = map { $_->{time} } grep { $_->{status} eq '500' } @{ $portal->requests(since => $mark500) };
 ok(@times >= 3, 'several attempts');
@@ -117,6 +130,19 @@ ps_compare_state($node, $db, $portal, 'after an outage of 500s');
 	my $gap = $reqs->[1]{time} - $reqs->[0]{answered_at};
 	cmp_ok($gap, '>=', 3.5, "Retry-After: 4 honoured (next attempt after ${gap}s) even above retry_max_delay");
 	no_dead_letters('429');
+}
+# Retry-After as an HTTP-date, on a 503.
+{
+	my $mark = nreq();
+	my @t = gmtime(time() + 5);
+	my $date = POSIX::strftime('%a, %d %b %Y %H:%M:%S GMT', @t);
+	$portal->mode({ mode => 'status', status => 503, retry_after => $date, count => 1 });
+	change();
+	ok(ps_wait_drained($node, $db), '503 with an HTTP-date Retry-After: drained');
+	my $reqs = $portal->requests(since => $mark);
+	my $gap = $reqs->[1]{time} - $reqs->[0]{answered_at};
+	cmp_ok($gap, '>=', 3.0, "Retry-After HTTP-date honoured (next attempt after ${gap}s)");
+	no_dead_letters('503 Retry-After date');
 }
 
 # ---------------------------------------------------------------- 401 / 403
@@ -246,6 +272,14 @@ for my $apply (0, 1)
 	my $mark = nreq();
 	$portal->mode({ mode => 'hang', seconds => 5, apply => $apply ? JSON::PP::true : JSON::PP::false, count => 1 });
 	change();
+	# While the portal holds the request, the worker has no transaction open.
+	ps_wait_until(sub { scalar @{ $portal->requests(since => $mark) } }, 'request in flight', 20);
+	my $wpid = ps_worker_pid($node, $db);
+	my $xact = $node->safe_psql($db,
+		"SELECT coalesce(state, '') || '|' || (xact_start IS NULL) || '|' || (backend_xid IS NULL) || '|' || (backend_xmin IS NULL)"
+		  . " FROM pg_stat_activity WHERE pid = $wpid");
+	like($xact, qr/^[^|]*\|t\|t\|t$/, "hang (apply=$apply): no transaction (nor snapshot) open while the request is in flight")
+	  or diag("worker: state|no xact_start|no xid|no xmin = $xact");
 	ok(ps_wait_drained($node, $db), "hang (apply=$apply): drained");
 	my $reqs = $portal->requests(since => $mark);
 	ok(@$reqs >= 2, "hang (apply=$apply): the hung batch was sent again");
@@ -297,6 +331,22 @@ ps_compare_state($node, $db, $portal, 'after connection refused');
 
 # ---------------------------------------------------------------- max_batch_bytes / batch_size
 {
+	ps_set_conf($node, 'portal_sync.max_batch_bytes' => '3kB');
+	my $mark = nreq();
+	one(q{UPDATE ehr.problem SET icd10 = 'J45.20' WHERE patient_id <= 8;
+		  INSERT INTO ehr.visit_note (patient_id, provider, note_type, visit_date, finalized, body)
+		  VALUES (1, 'Dr. Long', 'encounter', '2024-08-01', true, repeat('long note ', 800));});
+	ok(ps_wait_drained($node, $db), 'max_batch_bytes 3kB: drained');
+	my $reqs = $portal->requests(since => $mark);
+	my @big = grep { $_->{bytes} > 3072 && @{ $_->{events} } > 1 } @$reqs;
+	ok(!@big, 'no batch of several events above max_batch_bytes')
+	  or diag(join(' ', map { "$_->{bytes}B/" . scalar(@{ $_->{events} }) . 'ev' } @big));
+	ok(grep({ $_->{bytes} > 3072 && @{ $_->{events} } == 1 && $_->{status} =~ /^2/ } @$reqs),
+		'a larger single event is sent alone');
+	no_dead_letters('max_batch_bytes');
+	ps_set_conf($node, 'portal_sync.max_batch_bytes' => undef);
+}
+{
 	ps_set_conf($node, 'portal_sync.batch_size' => '7');
 	my $mark = nreq();
 	one(q{UPDATE ehr.immunization SET site = 'left thigh' WHERE patient_id <= 8});
@@ -322,6 +372,7 @@ ps_compare_state($node, $db, $portal, 'after random failures');
 
 ps_check_portal_invariants($portal, 'failures');
 ps_check_event_ids_stable($portal->requests, 'failures');
+ps_check_send_order($portal->requests, 'failures');
 ps_check_ccda_after_snapshot($portal->requests, 'failures');
 my $log = ps_sql_json($node, $db, q{SELECT * FROM portal_sync.delivery_log ORDER BY sent_at});
 ok(scalar @$log, 'delivery_log has rows');

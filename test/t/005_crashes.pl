@@ -48,6 +48,7 @@ ok(ps_wait_drained($node, $db, 240), 'drained after kill -9 of the worker');
 ps_compare_state($node, $db, $portal, 'after kill -9 of the worker');
 ps_check_portal_invariants($portal, 'after kill -9 of the worker');
 ps_check_event_ids_stable($portal->requests, 'after kill -9 of the worker');
+ps_check_send_order($portal->requests, 'after kill -9 of the worker');
 is(ps_status($node, $db)->{dead_letters}, 0, 'nothing dead-lettered');
 
 # ---------------------------------------------------------------- kill -9 with a request in flight
@@ -68,6 +69,7 @@ my $dups = $portal->state->{duplicates};
 ok($dups > 0, "applied batch resent after the crash and deduped ($dups duplicates)");
 ps_compare_state($node, $db, $portal, 'after kill -9 in flight');
 ps_check_event_ids_stable($portal->requests, 'after kill -9 in flight');
+ps_check_send_order($portal->requests, 'after kill -9 in flight');
 
 # ---------------------------------------------------------------- immediate shutdown mid-drain
 $portal->mode({ mode => 'delay', seconds => 0.15 });
@@ -87,6 +89,7 @@ ok(ps_wait_drained($node, $db, 240), 'drained after an immediate shutdown');
 ps_compare_state($node, $db, $portal, 'after immediate shutdown');
 ps_check_portal_invariants($portal, 'after immediate shutdown');
 ps_check_event_ids_stable($portal->requests, 'after immediate shutdown');
+ps_check_send_order($portal->requests, 'after immediate shutdown');
 ps_check_ccda_after_snapshot($portal->requests, 'after immediate shutdown');
 is(ps_status($node, $db)->{dead_letters}, 0, 'nothing dead-lettered');
 
