@@ -78,10 +78,13 @@ SKIP:
 {
 	skip 'no non-loopback IPv4 address', 6 unless $ip;
 	my $plain = PortalSyncTest::Portal->start(host => '0.0.0.0');
+	my $err_at0 = ps_status($node, $db)->{last_error_at} // '';
 	ps_set_conf($node, 'portal_sync.endpoint' => "http://$ip:" . $plain->port . '/events');
 	one(q{UPDATE ehr.medication SET dose = 'insecure' WHERE patient_id = 1});
-	ok(ps_wait_until(sub { defined ps_status($node, $db)->{last_error} && ps_status($node, $db)->{pending_events} > 0 },
-			'refusal reported', 30),
+	ok(ps_wait_until(sub {
+				my $s = ps_status($node, $db);
+				$s->{pending_events} > 0 && ($s->{state} eq 'unconfigured' || ($s->{last_error_at} // '') ne $err_at0)
+			}, 'refusal reported', 30),
 		'http:// to a non-loopback address: refused');
 	like(ps_status($node, $db)->{last_error} // '', qr/http|insecure|allow_insecure_http/i,
 		'last_error says why');
