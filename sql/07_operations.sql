@@ -86,7 +86,7 @@ FROM portal_sync.patients WHERE patient_id IN ('1', '2') ORDER BY patient_id;
 -- explain: one row per step, in order.
 SELECT step, ok,
 	   CASE WHEN step = 'pending' THEN regexp_replace(detail, 'captured .* ago', 'captured <age> ago')
-			ELSE regexp_replace(detail, ' (at|since) [^)]*', ' \1 <time>', 'g') END AS detail
+			ELSE regexp_replace(detail, '(at|since) (Mon|Tue|Wed|Thu|Fri|Sat|Sun) [^)]*', '\1 <time>', 'g') END AS detail
 FROM portal_sync.explain('1') WHERE step <> 'withheld' OR NOT ok;
 SELECT step, ok, left(detail, 40) AS detail FROM portal_sync.explain('59') WHERE step IN ('enrolled', 'snapshot');
 
