@@ -23,6 +23,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
@@ -231,21 +232,54 @@ row_patient(CaptureState *state, TupleTableSlot *slot)
 
 /*
  * Does the row in the slot satisfy the source's enroll_when?  A NULL
- * result counts as false, like a WHERE clause.
+ * result counts as false, like a WHERE clause.  The rule runs in a
+ * subtransaction: a rule that fails on some row (a cast of a free-text
+ * column, say) must not fail the EHR's write.  Such a row does not enroll,
+ * and a warning without the error's text, which may quote the row, says so.
  */
 static bool
 row_satisfies_enroll_when(CaptureState *state, TupleTableSlot *slot)
 {
-	bool		isnull;
-	Datum		result;
+	MemoryContext context = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool satisfied = false;
 
 	if (state->enroll_when == NULL)
 		return true;
 
-	state->econtext->ecxt_scantuple = slot;
-	result = ExecEvalExprSwitchContext(state->enroll_when, state->econtext, &isnull);
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(context);
+	PG_TRY();
+	{
+		bool		isnull;
+		Datum		result;
+
+		state->econtext->ecxt_scantuple = slot;
+		result = ExecEvalExprSwitchContext(state->enroll_when, state->econtext, &isnull);
+		satisfied = !isnull && DatumGetBool(result);
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *error;
+
+		MemoryContextSwitchTo(context);
+		error = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		if (error->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(error);
+		ereport(WARNING,
+				(errcode(error->sqlerrcode),
+				 errmsg("enroll_when of source \"%s\" failed on a row (SQLSTATE %s); the row does not enroll its patient",
+						state->config->name, unpack_sql_state(error->sqlerrcode))));
+		FreeErrorData(error);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(context);
+	CurrentResourceOwner = owner;
 	ResetExprContext(state->econtext);
-	return !isnull && DatumGetBool(result);
+	return satisfied;
 }
 
 /*

@@ -698,6 +698,77 @@ delivery_step(DeliveryState *delivery)
 }
 
 /*
+ * Error classes whose messages cannot quote a value of a row: a message
+ * of any other class (a failed cast in a share_when rule, say) may carry
+ * clinical content and is not logged.
+ */
+static bool
+error_message_is_safe(int sqlerrcode)
+{
+	char		class0 = PGUNSIXBIT(sqlerrcode);
+	char		class1 = PGUNSIXBIT(sqlerrcode >> 6);
+
+	return (class0 == '4' && class1 == '2') ||	/* syntax, undefined objects */
+		(class0 == '5' && (class1 == '3' || class1 == '5' || class1 == '7' ||
+						   class1 == '8')) ||	/* resources, state, system */
+		(class0 == '0' && class1 == '8') || /* connection */
+		(class0 == '4' && class1 == '0');	/* serialization, deadlock */
+}
+
+/*
+ * One step of work, surviving its errors: an error (a rule that fails on
+ * some row, a lock timeout...) is reported in portal_sync.status and the
+ * step is retried with backoff, instead of the process dying and being
+ * restarted in a loop.  Interrupts still end the process.
+ */
+static long
+guarded_delivery_step(DeliveryState *delivery)
+{
+	MemoryContext context = CurrentMemoryContext;
+	volatile long sleep_ms = 0;
+
+	PG_TRY();
+	{
+		sleep_ms = delivery_step(delivery);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *error;
+		char		message[WORKER_ERROR_LEN];
+		HttpResult	no_answer;
+
+		MemoryContextSwitchTo(context);
+		error = CopyErrorData();
+		FlushErrorState();
+		if (IsTransactionState() || IsAbortedTransactionBlockState())
+			AbortCurrentTransaction();
+		pgstat_report_activity(STATE_IDLE, NULL);
+
+		if (error->sqlerrcode == ERRCODE_QUERY_CANCELED ||
+			error->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN)
+			ReThrowError(error);
+
+		if (error_message_is_safe(error->sqlerrcode))
+			snprintf(message, sizeof(message), "%s (SQLSTATE %s)",
+					 error->message, unpack_sql_state(error->sqlerrcode));
+		else
+			snprintf(message, sizeof(message),
+					 "reading the data to send failed with SQLSTATE %s (message withheld: it may quote clinical data)",
+					 unpack_sql_state(error->sqlerrcode));
+		ereport(LOG, (errmsg("portal_sync: %s", message)));
+		FreeErrorData(error);
+
+		forget_unit(delivery);
+		memset(&no_answer, 0, sizeof(no_answer));
+		no_answer.retry_after_ms = -1;
+		back_off(delivery, &no_answer, message, false);
+		sleep_ms = 0;
+	}
+	PG_END_TRY();
+	return sleep_ms;
+}
+
+/*
  * Main function of a delivery worker.
  */
 void
@@ -793,6 +864,6 @@ portal_sync_worker_main(Datum arg)
 			delivery.next_attempt_at = 0;
 		}
 
-		sleep_ms = delivery_step(&delivery);
+		sleep_ms = guarded_delivery_step(&delivery);
 	}
 }
