@@ -19,10 +19,10 @@
  *
  * A patient's events keep the order of the outbox.  Several changes of one
  * row in a unit become one event, at the place of the first.  A snapshot
- * request is only served once every transaction that was running when the
- * worker first saw it has ended: one of them may have written a row for
- * the patient without recording it, having checked enrollment before the
- * enrollment committed.
+ * request is only served once every transaction of the database that was
+ * running when the worker first saw it has ended: one of them may have
+ * written a row for the patient without recording it, having checked
+ * enrollment before the enrollment committed.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -31,6 +31,9 @@
 #include "postgres.h"
 
 #include "access/transam.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/array.h"
@@ -80,11 +83,15 @@ typedef struct UnitBuilder
 	int			nevents;
 } UnitBuilder;
 
-/* First sight of each snapshot request: seq -> next xid then. */
+/*
+ * First sight of each snapshot request: the transactions of this database
+ * that were running then, which must end before the snapshot is read.
+ */
 typedef struct SnapshotHorizon
 {
 	int64		seq;
-	TransactionId horizon;
+	int			nwaiting;
+	VirtualTransactionId *waiting;
 } SnapshotHorizon;
 
 static HTAB *snapshot_horizons = NULL;
@@ -126,18 +133,30 @@ void
 forget_snapshot_horizons(void)
 {
 	if (snapshot_horizons != NULL)
+	{
+		HASH_SEQ_STATUS status;
+		SnapshotHorizon *entry;
+
+		hash_seq_init(&status, snapshot_horizons);
+		while ((entry = hash_seq_search(&status)) != NULL)
+			pfree(entry->waiting);
 		hash_destroy(snapshot_horizons);
+	}
 	snapshot_horizons = NULL;
 }
 
 /*
- * May the snapshot requested at seq be read now?  See the file header.
+ * May the snapshot requested at seq be read now?  See the file header.  A
+ * transaction that was running when the worker first saw the request may
+ * have checked enrollment before it committed; the snapshot is read once
+ * all of them (in this database, with a snapshot) have ended.
  */
 static bool
 snapshot_horizon_passed(int64 seq)
 {
 	SnapshotHorizon *entry;
 	bool		found;
+	int			still_running = 0;
 
 	if (snapshot_horizons == NULL)
 	{
@@ -152,15 +171,33 @@ snapshot_horizon_passed(int64 seq)
 	entry = hash_search(snapshot_horizons, &seq, HASH_ENTER, &found);
 	if (!found)
 	{
-		entry->horizon = ReadNextTransactionId();
-		return false;
+		VirtualTransactionId *running;
+		int			count;
+
+		running = GetCurrentVirtualXIDs(InvalidTransactionId, true, false,
+										PROC_IN_VACUUM, &count);
+		entry->waiting = MemoryContextAlloc(TopMemoryContext,
+											Max(count, 1) * sizeof(VirtualTransactionId));
+		memcpy(entry->waiting, running, count * sizeof(VirtualTransactionId));
+		entry->nwaiting = count;
+		pfree(running);
 	}
-	if (TransactionIdPrecedesOrEquals(entry->horizon, GetActiveSnapshot()->xmin))
+
+	for (int i = 0; i < entry->nwaiting; i++)
 	{
-		hash_search(snapshot_horizons, &seq, HASH_REMOVE, NULL);
-		return true;
+		if (!VirtualTransactionIdIsValid(entry->waiting[i]))
+			continue;
+		if (VirtualXactLock(entry->waiting[i], false))
+			SetInvalidVirtualTransactionId(entry->waiting[i]);
+		else
+			still_running++;
 	}
-	return false;
+	if (still_running > 0)
+		return false;
+
+	pfree(entry->waiting);
+	hash_search(snapshot_horizons, &seq, HASH_REMOVE, NULL);
+	return true;
 }
 
 /*

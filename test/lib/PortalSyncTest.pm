@@ -357,8 +357,9 @@ sub ps_worker_pid
 
 =head2 ps_wait_drained(node, db, [timeout])
 
-Waits until the outbox of db is empty and status.pending_events is 0
-(everything accepted or dead-lettered).  Returns true on success.
+Waits until the outbox of db is empty and status.pending_events and
+status.pending_snapshots are 0 (everything accepted or dead-lettered, no
+resync waiting).  Returns true on success.
 
 =cut
 
@@ -367,7 +368,7 @@ sub ps_wait_drained
 	my ($node, $db, $timeout) = @_;
 	$db //= 'postgres';
 	my $q =
-	  q{SELECT (SELECT count(*) FROM portal_sync.outbox) = 0 AND pending_events = 0 FROM portal_sync.status};
+	  q{SELECT (SELECT count(*) FROM portal_sync.outbox) = 0 AND pending_events = 0 AND pending_snapshots = 0 FROM portal_sync.status};
 	my $last = '';
 	my $ok = ps_wait_until(
 		sub {
