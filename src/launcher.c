@@ -55,6 +55,7 @@ typedef struct KnownDatabase
 	int			slot_index;
 	TimestampTz next_start_at;	/* earliest time to start a worker */
 	bool		seen;			/* still exists at the last scan */
+	bool		adopted;		/* started by an earlier launcher: no handle */
 } KnownDatabase;
 
 static HTAB *known_databases = NULL;
@@ -127,6 +128,7 @@ scan_databases(void)
 			known->handle = NULL;
 			known->slot_index = -1;
 			known->next_start_at = 0;
+			known->adopted = false;
 		}
 		known->seen = true;
 	}
@@ -138,15 +140,29 @@ scan_databases(void)
 }
 
 /*
- * Claim a free worker slot for a database; -1 if all are taken.
+ * Claim a free worker slot for a database; -1 if all are taken.  A slot
+ * still held for the database by a worker that an earlier launcher
+ * started (this one was restarted) is adopted instead: *running says so.
  */
 static int
-claim_slot(Oid dboid)
+claim_slot(Oid dboid, bool *running)
 {
 	int			index = -1;
 
+	*running = false;
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < portal_sync_shared->max_workers; i++)
+	{
+		WorkerSlot *slot = &portal_sync_shared->slots[i];
+
+		if (slot->in_use && slot->dboid == dboid)
+		{
+			*running = slot->pid != 0;
+			index = i;
+			break;
+		}
+	}
+	for (int i = 0; index < 0 && i < portal_sync_shared->max_workers; i++)
 	{
 		WorkerSlot *slot = &portal_sync_shared->slots[i];
 
@@ -178,7 +194,14 @@ start_worker(KnownDatabase *known)
 
 	if (known->slot_index < 0)
 	{
-		known->slot_index = claim_slot(known->dboid);
+		bool		running;
+
+		known->slot_index = claim_slot(known->dboid, &running);
+		if (running)
+		{
+			known->adopted = true;
+			return;
+		}
 		if (known->slot_index < 0)
 		{
 			if (!warned_full)
@@ -236,8 +259,10 @@ reap_worker(KnownDatabase *known)
 	slot->latch = NULL;
 	LWLockRelease(portal_sync_shared->lock);
 
-	pfree(known->handle);
+	if (known->handle != NULL)
+		pfree(known->handle);
 	known->handle = NULL;
+	known->adopted = false;
 	known->slot_index = -1;
 	known->next_start_at = TimestampTzPlusMilliseconds(now, delay);
 }
@@ -262,15 +287,18 @@ supervise_workers(Oid requested)
 		if (known->handle != NULL &&
 			GetBackgroundWorkerPid(known->handle, &pid) == BGWH_STOPPED)
 			reap_worker(known);
+		else if (known->adopted &&
+				 portal_sync_shared->slots[known->slot_index].pid == 0)
+			reap_worker(known);
 
 		if (!known->seen)
 		{
-			if (known->handle == NULL)
+			if (known->handle == NULL && !known->adopted)
 				hash_search(known_databases, &known->dboid, HASH_REMOVE, NULL);
 			continue;
 		}
 
-		if (known->handle == NULL)
+		if (known->handle == NULL && !known->adopted)
 		{
 			bool		paused = false;
 
@@ -304,7 +332,6 @@ portal_sync_launcher_main(Datum arg)
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	portal_sync_shared->launcher_pid = MyProcPid;
 	portal_sync_shared->launcher_latch = MyLatch;
-	portal_sync_shared->scan_requested = true;
 	LWLockRelease(portal_sync_shared->lock);
 	before_shmem_exit(launcher_detach, (Datum) 0);
 
@@ -315,19 +342,15 @@ portal_sync_launcher_main(Datum arg)
 
 	for (;;)
 	{
-		bool		scan;
 		Oid			requested;
 		long		sleep_ms;
 
 		LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
-		scan = portal_sync_shared->scan_requested;
 		requested = portal_sync_shared->requested_database;
-		portal_sync_shared->scan_requested = false;
 		portal_sync_shared->requested_database = InvalidOid;
 		LWLockRelease(portal_sync_shared->lock);
 
-		if (scan)
-			scan_databases();
+		scan_databases();
 		sleep_ms = supervise_workers(requested);
 
 		(void) WaitLatch(MyLatch,
@@ -342,10 +365,5 @@ portal_sync_launcher_main(Datum arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-
-		/* Look for new databases every time we wake up for a timeout. */
-		LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
-		portal_sync_shared->scan_requested = true;
-		LWLockRelease(portal_sync_shared->lock);
 	}
 }

@@ -54,8 +54,7 @@ show_auth_token(void)
 }
 
 /*
- * Define every setting, then reserve the prefix so that a misspelt
- * portal_sync.* line in postgresql.conf is reported instead of ignored.
+ * Define every setting of SPEC §2.
  */
 static void
 define_settings(void)
@@ -156,8 +155,6 @@ define_settings(void)
 							8, 1, 1024,
 							PGC_POSTMASTER, 0,
 							NULL, NULL, NULL);
-
-	MarkGUCPrefixReserved("portal_sync");
 }
 
 /*
@@ -179,4 +176,7 @@ _PG_init(void)
 	shared_state_install_hooks();
 	database_hook_install();
 	register_launcher();
+
+	/* a misspelt portal_sync.* setting is reported instead of ignored */
+	MarkGUCPrefixReserved("portal_sync");
 }

@@ -57,8 +57,7 @@ typedef struct PortalSyncShared
 	int			max_workers;
 	pid_t		launcher_pid;
 	Latch	   *launcher_latch;
-	bool		scan_requested;
-	Oid			requested_database;
+	Oid			requested_database; /* start its worker now */
 	/* wait_ready() sleeps here; broadcast when any snapshot is accepted */
 	ConditionVariable ready_cv;
 	WorkerSlot	slots[FLEXIBLE_ARRAY_MEMBER];

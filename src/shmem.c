@@ -135,7 +135,6 @@ wake_launcher_for_database(Oid dboid)
 		return;
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	portal_sync_shared->requested_database = dboid;
-	portal_sync_shared->scan_requested = true;
 	if (portal_sync_shared->launcher_latch != NULL)
 		SetLatch(portal_sync_shared->launcher_latch);
 	LWLockRelease(portal_sync_shared->lock);
