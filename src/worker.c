@@ -144,6 +144,9 @@ worker_detach(int code, Datum arg)
 	my_slot->latch = NULL;
 	my_slot->pid = 0;
 	my_slot->state = WORKER_NOT_RUNNING;
+	/* a launcher that adopted this worker has no handle to be told by */
+	if (portal_sync_shared->launcher_latch != NULL)
+		SetLatch(portal_sync_shared->launcher_latch);
 	LWLockRelease(portal_sync_shared->lock);
 }
 
