@@ -129,10 +129,10 @@ load_worker_sources(void)
 			psprintf("SELECT t.%s::pg_catalog.text, pg_catalog.to_json(t)::pg_catalog.text"
 					 " FROM %s t WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
 					 key_col, rel, patient_col, patient_type, shareable, key_col);
-		source->keys_of_patient_sql =
+		source->shareable_keys_sql =
 			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
-					 " WHERE t.%s = $3::pg_catalog.text::%s ORDER BY t.%s",
-					 key_col, rel, patient_col, patient_type, key_col);
+					 " WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
+					 key_col, rel, patient_col, patient_type, shareable, key_col);
 		if (source->kind == SOURCE_PATIENT)
 			source->chart_sql =
 				psprintf("SELECT t.%s::pg_catalog.text, %s FROM %s t"
@@ -251,11 +251,11 @@ read_snapshot_rows(WorkerSource *source, const char *patient_id)
 }
 
 /*
- * Read the keys of all rows of a patient in a source; the caller walks
- * SPI_tuptable (key) and frees it.
+ * Read the keys of the shareable rows of a patient in a source; the
+ * caller walks SPI_tuptable (key) and frees it.
  */
 void
-read_keys_of_patient(WorkerSource *source, const char *patient_id)
+read_shareable_keys(WorkerSource *source, const char *patient_id)
 {
-	run_source_statement(source->keys_of_patient_sql, TEXTOID, CStringGetTextDatum(patient_id));
+	run_source_statement(source->shareable_keys_sql, TEXTOID, CStringGetTextDatum(patient_id));
 }

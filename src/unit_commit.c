@@ -168,7 +168,7 @@ insert_dead_letter(DeliveryEvent *event)
 
 /*
  * After a patient's snapshot was accepted: record it, and queue the
- * patient's C-CDA documents, which are sent only now.
+ * patient's shareable C-CDA documents, which are sent only now.
  */
 static void
 snapshot_accepted(DeliveryEvent *end)
@@ -193,7 +193,7 @@ snapshot_accepted(DeliveryEvent *end)
 
 		if (source->kind != SOURCE_CCDA)
 			continue;
-		read_keys_of_patient(source, end->patient_id);
+		read_shareable_keys(source, end->patient_id);
 		nkeys = (int) SPI_processed;
 		if (nkeys == 0)
 			continue;

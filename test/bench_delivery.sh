@@ -163,6 +163,7 @@ pgfile() { cat >"$1"; [ "$(id -u)" -eq 0 ] && chown postgres: "$1"; true; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {
 	if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+load() { echo "load $(cut -d' ' -f1 /proc/loadavg)"; }
 set_phase() { echo "$1" >"$WORK/phase.tmp" && mv -f "$WORK/phase.tmp" "$WORK/phase"; }
 set_endpoint() { # url ('' = none); applies it at once
 	q "ALTER SYSTEM SET portal_sync.endpoint = '$1'" >/dev/null
@@ -403,7 +404,7 @@ echo "worker RssAnon at start: $(awk '/RssAnon/ {print $2, $3}' "/proc/$WPID/sta
 
 # ---------------------------------------------------------------- snapshot time
 echo
-echo "== snapshot time: $SNAP_ROUNDS rounds, each enrolling $SNAP_PATIENTS fresh patients in one statement (sink: nginx)"
+echo "== snapshot time: $SNAP_ROUNDS rounds, each enrolling $SNAP_PATIENTS fresh patients in one statement (sink: nginx); $(load)"
 SNAP_SECS=()
 for ((r = 1; r <= SNAP_ROUNDS; r++)); do
 	lo=$(((r - 1) * SNAP_PATIENTS + 1))
@@ -439,7 +440,7 @@ for s in "${SNAP_SECS[@]}"; do [ "$s" = 300 ] && SNAP_TIMED_OUT=1; done
 
 # ---------------------------------------------------------------- drain rate
 echo
-echo "== drain rate: $DRAIN_EVENTS events for patients 1..$DP queued with the endpoint empty, then the endpoint set (sink: nginx)"
+echo "== drain rate: $DRAIN_EVENTS events for patients 1..$DP queued with the endpoint empty, then the endpoint set (sink: nginx); $(load)"
 psql_bench -c "CALL bench.wait_outbox_empty(clock_timestamp(), 300, false)" >/dev/null ||
 	server_failed "waiting before the drain"
 set_endpoint ''
@@ -511,7 +512,7 @@ SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', :secs, requests, events, failed,
               (SELECT state FROM portal_sync.status))
 FROM bench.log_since(:'t0');
 EOF
-out=$(psql_bench -At -f "$WORK/drain.sql" 2> >(sed 's/^NOTICE:  /   /' >&2)) || server_failed "the drain"
+out=$(psql_bench -At -f "$WORK/drain.sql" 2> >(sed -E 's/^.*NOTICE: +/   /' >&2)) || server_failed "the drain"
 set_phase idle
 IFS='|' read -r DRAIN_SECS d_requests d_events d_failed d_first d_pending d_dead d_lasterr d_consec d_state <<<"$out"
 NGX_AFTER=$(nginx_lines)
@@ -533,7 +534,7 @@ DRAIN_FAILED=$((d_failed + NGX_NON200 + d_dead))
 
 # ---------------------------------------------------------------- latency
 echo
-echo "== latency: pgbench -R $LAT_RATE -c 2 -T $LAT_TIME, one ehr.medication row per transaction for patients 1..$DP (sink: python, timestamps arrivals), $LAT_ROUNDS rounds"
+echo "== latency: pgbench -R $LAT_RATE -c 2 -T $LAT_TIME, one ehr.medication row per transaction for patients 1..$DP (sink: python, timestamps arrivals), $LAT_ROUNDS rounds; $(load)"
 SINK_PORT=$(free_port)
 : >"$WORK/latency.log"
 "$PYTHON" "$SRC_DIR/test/bench/delivery_sink.py" serve --port "$SINK_PORT" --out "$WORK/latency.log" \
@@ -585,9 +586,10 @@ SINK_PID=
 
 # ---------------------------------------------------------------- C-CDA
 echo
-echo "== worker memory with C-CDA documents: $CCDA_DOCS documents of $CCDA_MB MiB for ready patient 1, one after the other (sink: nginx)"
-CCDA_ENTRY_LEN=238	# bytes of one <entry> line below
-CCDA_N=$((CCDA_MB * 1024 * 1024 / CCDA_ENTRY_LEN + 1))
+echo "== worker memory with C-CDA documents: $CCDA_DOCS documents of $CCDA_MB MiB for ready patient 1, one after the other (sink: nginx); $(load)"
+CCDA_ENTRY="'<entry><observation classCode=\"OBS\" moodCode=\"EVN\"><id root=\"%s\"/>'
+              '<code code=\"8302-2\" codeSystem=\"2.16.840.1.113883.6.1\"/>'
+              '<value xsi:type=\"PQ\" value=\"%s\" unit=\"cm\"/></observation></entry>'"
 sleep 1
 CCDA_SECS=()
 for ((r = 1; r <= CCDA_DOCS; r++)); do
@@ -596,14 +598,12 @@ for ((r = 1; r <= CCDA_DOCS; r++)); do
 	set_phase ccda
 	pgfile "$WORK/ccda.sql" <<EOF
 \\set QUIET on
+SELECT ceil($CCDA_MB * 1048576.0 / (length(format($CCDA_ENTRY, md5(''), '0000')) + 1))::int AS n \\gset
 CREATE TEMP TABLE doc AS
 SELECT '<?xml version="1.0" encoding="UTF-8"?>' || E'\n<ClinicalDocument xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">\n'
-       || string_agg(format('<entry><observation classCode="OBS" moodCode="EVN"><id root="%s"/>'
-                            '<code code="8302-2" codeSystem="2.16.840.1.113883.6.1"/>'
-                            '<value xsi:type="PQ" value="%s" unit="cm"/></observation></entry>',
-                            md5(($r * 1000000 + g)::text), lpad((g % 1000)::text, 4, '0')), E'\n')
+       || string_agg(format($CCDA_ENTRY, md5(($r * 1000000 + g)::text), lpad((g % 1000)::text, 4, '0')), E'\n')
        || E'\n</ClinicalDocument>\n' AS document
-FROM generate_series(1, $CCDA_N) g;
+FROM generate_series(1, :n) g;
 SELECT clock_timestamp() AS t0 \\gset
 INSERT INTO ehr.ccda_document (patient_id, doc_type, document) SELECT 1, 'visit_summary', document FROM doc;
 CALL bench.wait_outbox_empty(:'t0', 120, false) \\gset
@@ -613,33 +613,34 @@ EOF
 	out=$(psql_bench -At -f "$WORK/ccda.sql") || server_failed "C-CDA $r"
 	set_phase idle
 	IFS='|' read -r secs len requests events failed <<<"$out"
-	printf '   document %d: %.1f MiB, delivered in %s s (%s requests, %s events, %s failed); worker peak RssAnon so far in this phase %s MiB\n' \
+	printf '   document %d: %.1f MiB, delivered in %.2f s (%s requests, %s events, %s failed); worker peak RssAnon so far in this phase %s MiB\n' \
 		"$r" "$(awk -v l="$len" 'BEGIN { print l / 1048576 }')" "$secs" "$requests" "$events" "$failed" "$(mb "$(peak_kb ccda)")"
 	CCDA_SECS+=("$secs")
 done
 
 # ---------------------------------------------------------------- resume delay
 echo
-echo "== resume delay: one event queued while settings.enabled = false; UPDATE ... SET enabled = true until it is accepted, 3 rounds"
+echo "== resume delay: one event queued while settings.enabled = false; UPDATE ... SET enabled = true until it is accepted, 3 rounds; $(load)"
 RESUME_SECS=()
 for ((r = 1; r <= 3; r++)); do
 	pgfile "$WORK/resume.sql" <<EOF
 \\set QUIET on
 UPDATE portal_sync.settings SET enabled = false;
 INSERT INTO ehr.medication (patient_id, drug_name, start_date) VALUES (1, 'resume $r', current_date);
-SELECT pg_sleep(1);
+SELECT pg_sleep(1) \\gset
 SELECT clock_timestamp() AS t0 \\gset
 UPDATE portal_sync.settings SET enabled = true;
 CALL bench.wait_outbox_empty(:'t0', 60, false) \\gset
 SELECT :secs;
 EOF
 	s=$(psql_bench -At -f "$WORK/resume.sql") || server_failed "resume round $r"
-	printf '   round %d: %s s\n' "$r" "$s"
+	printf '   round %d: %.2f s\n' "$r" "$s"
 	RESUME_SECS+=("$s")
 done
-RESUME_MED=$(median "${RESUME_SECS[@]}")
+RESUME_MED=$(printf '%.2f' "$(median "${RESUME_SECS[@]}")")
 
 # ---------------------------------------------------------------- memory
+END_RSS=$(tail -n 1 "$WORK/rss.log" | awk '{ print $2 }')
 kill "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=
@@ -648,6 +649,7 @@ echo "== worker memory (RssAnon, sampled every 100 ms; $(grep -c -v '^pid' "$WOR
 for ph in idle snapshot fill drain latency ccda; do
 	printf '   %-9s peak %7s MiB\n' "$ph" "$(mb "$(peak_kb "$ph")")"
 done
+echo "   at the end (idle) $(mb "${END_RSS:-0}") MiB"
 PIDS=$(grep -c '^pid' "$WORK/rss.log" || true)
 [ "$PIDS" -le 1 ] || echo "   NOTE: the worker's pid changed $((PIDS - 1)) time(s) during the run (crash or restart): $(grep '^pid' "$WORK/rss.log" | tr '\n' ' ')"
 MEM_KB=$(peak_kb snapshot drain ccda)

@@ -55,7 +55,8 @@ our @EXPORT = qw(
   ps_check_send_order
 );
 
-our $JSON = JSON::PP->new->canonical(1)->allow_nonref(1);
+# allow_bignum: row data may hold numbers beyond double precision.
+our $JSON = JSON::PP->new->canonical(1)->allow_nonref(1)->allow_bignum(1);
 
 # Top of the source tree (test/lib/../..).
 sub ps_root
@@ -108,7 +109,8 @@ sub ps_new_node
 {
 	my ($name, $portal, %opt) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init(%{ $opt{init} || {} });
+	# UTF8, so that any text an EHR stores can be tested.
+	$node->init(extra => [ '--encoding=UTF8', '--locale=C' ], %{ $opt{init} || {} });
 	my $endpoint = $opt{endpoint}
 	  // ($portal ? $portal->url . '/events' : '');
 	$node->append_conf(
@@ -876,7 +878,7 @@ sub _ctl
 	}
 	croak "portal control $method $path: $res->{status} $res->{content}"
 	  unless $res->{success};
-	return JSON::PP->new->decode($res->{content});
+	return $PortalSyncTest::JSON->decode($res->{content});
 }
 
 # HTTP::Tiny for plain HTTP; curl for HTTPS (no IO::Socket::SSL needed).

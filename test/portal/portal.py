@@ -54,6 +54,7 @@ Control API (JSON in, JSON out):
 """
 
 import argparse
+import decimal
 import json
 import random
 import re
@@ -70,6 +71,28 @@ ISO_UTC = re.compile(r'^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$')
 OPS = ('upsert', 'delete', 'snapshot_begin', 'snapshot_end', 'purge')
 KINDS = ('appointment', 'ccda', 'note', 'pin', 'insurance', 'clinical',
          'patient')
+
+
+def jload(raw):
+    """JSON with exact numbers: a number with a fraction or exponent is kept
+    as a Decimal, so that it is written back digit for digit."""
+    if isinstance(raw, bytes):
+        raw = raw.decode('utf-8')
+    return json.loads(raw, parse_float=decimal.Decimal)
+
+
+def jdump(o):
+    """JSON text of o; Decimals written as the numbers they were read as."""
+    if isinstance(o, dict):
+        return '{' + ','.join(json.dumps(str(k)) + ':' + jdump(v)
+                              for k, v in o.items()) + '}'
+    if isinstance(o, (list, tuple)):
+        return '[' + ','.join(jdump(v) for v in o) + ']'
+    if isinstance(o, decimal.Decimal):
+        return str(o)
+    if isinstance(o, set):
+        return jdump(sorted(o))
+    return json.dumps(o)
 
 
 def now_iso():
@@ -399,7 +422,7 @@ class Portal:
             s['events'] = [{k: v for k, v in ev.items() if k != 'data'}
                            for ev in s.get('events', [])]
             s.pop('body', None)
-            self.log_file.write(json.dumps(s) + '\n')
+            self.log_file.write(jdump(s) + '\n')
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -436,8 +459,16 @@ class Handler(BaseHTTPRequestHandler):
             data += chunk
         return data
 
+    def answer_raw(self, status, raw):
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+        self.wfile.flush()
+
     def answer(self, status, obj, extra=None):
-        raw = json.dumps(obj).encode() if obj is not None else b''
+        raw = jdump(obj).encode() if obj is not None else b''
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(raw)))
@@ -457,9 +488,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(200, {'ok': True})
         if u.path == '/_control/state':
             with portal.lock:
-                obj = portal.state_json(with_seqs='seqs' in q)
-                raw = json.dumps(obj)
-            return self.answer(200, json.loads(raw))
+                raw = jdump(portal.state_json(with_seqs='seqs' in q))
+            return self.answer_raw(200, raw.encode())
         if u.path == '/_control/requests':
             full = 'full' in q
             since = int(q.get('since', ['0'])[0])
@@ -473,8 +503,8 @@ class Handler(BaseHTTPRequestHandler):
                                         if k != 'data'}
                                        for ev in r.get('events', [])]
                     out.append(r)
-                raw = json.dumps(out)
-            return self.answer(200, json.loads(raw))
+                raw = jdump(out)
+            return self.answer_raw(200, raw.encode())
         return self.answer(404, {'error': 'not found'})
 
     def do_POST(self):
@@ -491,7 +521,7 @@ class Handler(BaseHTTPRequestHandler):
     def control(self, path, raw):
         portal = self.server.portal
         try:
-            body = json.loads(raw) if raw else {}
+            body = jload(raw) if raw else {}
         except ValueError:
             return self.answer(400, {'error': 'bad json'})
         if path == '/_control/reset':
@@ -525,7 +555,7 @@ class Handler(BaseHTTPRequestHandler):
         body = None
         parse_error = None
         try:
-            body = json.loads(raw.decode('utf-8'))
+            body = jload(raw)
         except (ValueError, UnicodeDecodeError) as e:
             parse_error = 'body is not JSON: %s' % type(e).__name__
         events = body.get('events') if isinstance(body, dict) else None
