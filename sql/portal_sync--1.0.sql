@@ -52,6 +52,12 @@ $$;
 CREATE TRIGGER settings_merge_insert BEFORE INSERT ON portal_sync.settings
 	FOR EACH ROW EXECUTE FUNCTION portal_sync.settings_merge_insert();
 
+/* Delivery resumes as soon as an UPDATE of the settings commits. */
+CREATE FUNCTION portal_sync.settings_changed() RETURNS trigger
+	AS 'MODULE_PATHNAME', 'portal_sync_settings_changed' LANGUAGE C;
+CREATE TRIGGER settings_changed AFTER UPDATE ON portal_sync.settings
+	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.settings_changed();
+
 /*
  * source: one row per attached table.  Columns are kept by attribute number
  * and expressions as analyzed node trees, so that renaming a column of the

@@ -66,8 +66,10 @@ typedef struct DeliveryEvent
 	char	   *source_name;	/* NULL for markers */
 	char	   *key;			/* NULL for markers */
 	EventOp		op;
-	char	   *json;			/* the serialized event */
-	size_t		json_len;
+	char	   *json;			/* the serialized event, without its data */
+	size_t		json_len;		/* length on the wire, data included */
+	const char *data_json;		/* the row as to_json() wrote it, or NULL */
+	size_t		data_len;
 	List	   *consumes;		/* of Consumption * */
 	bool		dead;			/* rejected by the portal */
 	int			dead_status;	/* HTTP status of the rejection */
@@ -97,6 +99,24 @@ typedef struct SharingSettings
 	char	   *install_id;
 } SharingSettings;
 
+/*
+ * The body of one POST, produced piece by piece as libcurl reads it: the
+ * envelope, then each event (its data spliced in), so that a batch holding
+ * a C-CDA document of megabytes is never copied whole.
+ */
+typedef struct BatchBody
+{
+	char	   *prefix;			/* {"batch_id":..,"practice_id":..,"events":[ */
+	List	   *events;
+	int			first;
+	int			count;
+	size_t		total_len;
+	/* read position */
+	int			part;			/* -1 prefix, 0..count-1 events, count suffix */
+	int			piece;			/* within an event: head, data, closing brace */
+	size_t		offset;
+} BatchBody;
+
 /* HTTP */
 typedef struct HttpRequest
 {
@@ -105,8 +125,7 @@ typedef struct HttpRequest
 	const char *ca_file;
 	int			timeout_ms;
 	const char *batch_id;
-	const char *body;
-	size_t		body_len;
+	BatchBody  *body;
 } HttpRequest;
 
 typedef struct HttpResult
@@ -130,11 +149,12 @@ extern DeliveryUnit *build_delivery_unit(SharingSettings *settings, int max_even
 										 MemoryContext context);
 
 /* wire.c */
-extern char *serialize_event(const DeliveryEvent *event, const char *kind,
-							 const char *captured_at, const char *data_json,
-							 size_t *len);
-extern char *build_batch_body(const char *batch_id, const char *practice_id,
-							  List *events, int first, int count, size_t *len);
+extern void serialize_event(DeliveryEvent *event, const char *kind,
+							const char *captured_at, const char *data_json);
+extern void batch_body_init(BatchBody *body, const char *batch_id, const char *practice_id,
+							List *events, int first, int count);
+extern void batch_body_rewind(BatchBody *body);
+extern size_t batch_body_read(BatchBody *body, char *buffer, size_t size);
 extern List *parse_rejected_list(const char *body, size_t len);
 
 typedef struct RejectedEvent

@@ -65,6 +65,28 @@ collect_header(char *data, size_t size, size_t nmemb, void *userdata)
 }
 
 /*
+ * Read callback: the next bytes of the batch body.
+ */
+static size_t
+read_body(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	return batch_body_read((BatchBody *) userdata, buffer, size * nitems);
+}
+
+/*
+ * Seek callback: libcurl rewinds the body to send it again on a new
+ * connection.
+ */
+static int
+rewind_body(void *userdata, curl_off_t offset, int origin)
+{
+	if (offset != 0 || origin != SEEK_SET)
+		return CURL_SEEKFUNC_CANTSEEK;
+	batch_body_rewind((BatchBody *) userdata);
+	return CURL_SEEKFUNC_OK;
+}
+
+/*
  * Progress callback: abandon the request when the worker must stop.
  */
 static int
@@ -209,8 +231,13 @@ http_post(const HttpRequest *request, HttpResult *result)
 	curl_easy_setopt(curl_handle, CURLOPT_TIMEOUT_MS, (long) request->timeout_ms);
 	curl_easy_setopt(curl_handle, CURLOPT_CONNECTTIMEOUT_MS, (long) request->timeout_ms);
 	curl_easy_setopt(curl_handle, CURLOPT_POST, 1L);
-	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDS, request->body);
-	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) request->body_len);
+	batch_body_rewind(request->body);
+	curl_easy_setopt(curl_handle, CURLOPT_READFUNCTION, read_body);
+	curl_easy_setopt(curl_handle, CURLOPT_READDATA, request->body);
+	curl_easy_setopt(curl_handle, CURLOPT_SEEKFUNCTION, rewind_body);
+	curl_easy_setopt(curl_handle, CURLOPT_SEEKDATA, request->body);
+	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDSIZE_LARGE,
+					 (curl_off_t) request->body->total_len);
 	curl_easy_setopt(curl_handle, CURLOPT_WRITEFUNCTION, collect_body);
 	curl_easy_setopt(curl_handle, CURLOPT_WRITEDATA, result);
 	curl_easy_setopt(curl_handle, CURLOPT_HEADERFUNCTION, collect_header);

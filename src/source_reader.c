@@ -72,6 +72,40 @@ shareable_sql(const char *date_col, const char *privacy_col, const char *share_w
 }
 
 /*
+ * The SQL that turns row "t" into a JSON object, given its column names.
+ * Naming the columns (json_build_object) rather than the whole row
+ * (to_json(t)) keeps the executor from copying the whole detoasted row:
+ * with a C-CDA document of megabytes that copy is the size of the
+ * document.  The output is the same.  A function takes at most 100
+ * arguments, so wide tables use to_json(t).
+ */
+static char *
+row_json_sql(Datum column_names)
+{
+	Datum	   *names;
+	int			count;
+	StringInfoData sql;
+
+	deconstruct_array(DatumGetArrayTypeP(column_names), TEXTOID, -1, false,
+					  TYPALIGN_INT, &names, NULL, &count);
+	if (count == 0 || count * 2 > FUNC_MAX_ARGS)
+		return "pg_catalog.to_json(t)::pg_catalog.text";
+
+	initStringInfo(&sql);
+	appendStringInfoString(&sql, "pg_catalog.json_build_object(");
+	for (int i = 0; i < count; i++)
+	{
+		char	   *name = TextDatumGetCString(names[i]);
+
+		if (i > 0)
+			appendStringInfoString(&sql, ", ");
+		appendStringInfo(&sql, "%s, t.%s", quote_literal_cstr(name), quote_identifier(name));
+	}
+	appendStringInfoString(&sql, ")::pg_catalog.text");
+	return sql.data;
+}
+
+/*
  * Read the attached tables' settings and generate their statements, in
  * the current memory context.
  */
@@ -84,7 +118,10 @@ load_worker_sources(void)
 	ret = spi_query("SELECT s.source_id, s.kind, s.name, n.nspname, c.relname,"
 					  " pa.attname, pg_catalog.format_type(pa.atttypid, NULL),"
 					  " ka.attname, pg_catalog.format_type(ka.atttypid, NULL),"
-					  " da.attname, va.attname, pg_catalog.pg_get_expr(s.share_when, s.relid)"
+					  " da.attname, va.attname, pg_catalog.pg_get_expr(s.share_when, s.relid),"
+					  " ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a"
+					  "       WHERE a.attrelid = s.relid AND a.attnum > 0 AND NOT a.attisdropped"
+					  "       ORDER BY a.attnum)::pg_catalog.text[]"
 					  " FROM portal_sync.source s"
 					  " JOIN pg_catalog.pg_class c ON c.oid = s.relid"
 					  " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
@@ -102,6 +139,7 @@ load_worker_sources(void)
 		HeapTuple	tuple = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		WorkerSource *source = palloc0(sizeof(WorkerSource));
+		bool		isnull;
 		char	   *kind = SPI_getvalue(tuple, desc, 2);
 		char	   *rel = quote_qualified_identifier(SPI_getvalue(tuple, desc, 4),
 													 SPI_getvalue(tuple, desc, 5));
@@ -112,6 +150,7 @@ load_worker_sources(void)
 		char	   *date_col = SPI_getvalue(tuple, desc, 10);
 		char	   *privacy_col = SPI_getvalue(tuple, desc, 11);
 		char	   *shareable = shareable_sql(date_col, privacy_col, SPI_getvalue(tuple, desc, 12));
+		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull));
 
 		source->source_id = pg_strtoint32(SPI_getvalue(tuple, desc, 1));
 		source->kind_name = kind;
@@ -121,14 +160,14 @@ load_worker_sources(void)
 
 		source->rows_by_key_sql =
 			psprintf("SELECT t.%s::pg_catalog.text, t.%s::pg_catalog.text, %s,"
-					 " CASE WHEN %s THEN pg_catalog.to_json(t)::pg_catalog.text END"
+					 " CASE WHEN %s THEN %s END"
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
-					 key_col, patient_col, shareable, shareable,
+					 key_col, patient_col, shareable, shareable, row_json,
 					 rel, key_col, key_type);
 		source->snapshot_sql =
-			psprintf("SELECT t.%s::pg_catalog.text, pg_catalog.to_json(t)::pg_catalog.text"
+			psprintf("SELECT t.%s::pg_catalog.text, %s"
 					 " FROM %s t WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
-					 key_col, rel, patient_col, patient_type, shareable, key_col);
+					 key_col, row_json, rel, patient_col, patient_type, shareable, key_col);
 		source->shareable_keys_sql =
 			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",

@@ -15,6 +15,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "commands/trigger.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -25,6 +26,7 @@
 
 PG_FUNCTION_INFO_V1(portal_sync_worker_status);
 PG_FUNCTION_INFO_V1(portal_sync_start_worker);
+PG_FUNCTION_INFO_V1(portal_sync_settings_changed);
 
 /*
  * portal_sync.start_worker() RETURNS void
@@ -36,6 +38,21 @@ portal_sync_start_worker(PG_FUNCTION_ARGS)
 {
 	wake_launcher_for_database(MyDatabaseId);
 	PG_RETURN_VOID();
+}
+
+/*
+ * portal_sync.settings_changed() RETURNS trigger
+ *
+ * After an UPDATE of portal_sync.settings: wake the worker at commit, so
+ * that delivery resumes at once when it is enabled again.
+ */
+Datum
+portal_sync_settings_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "portal_sync.settings_changed() must be called as a trigger");
+	outbox_note_queued();
+	return PointerGetDatum(NULL);
 }
 
 /*

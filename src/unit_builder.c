@@ -425,8 +425,8 @@ add_event(UnitBuilder *builder, OutboxEntry *entry, int64 seq, WorkerSource *sou
 	else
 		event->event_id = psprintf("%s-%lld-%s", install_id, (long long) seq,
 								   event_op_names[op]);
-	event->json = serialize_event(event, source ? source->kind_name : NULL,
-								  entry->captured_at, data_json, &event->json_len);
+	serialize_event(event, source ? source->kind_name : NULL,
+					entry->captured_at, data_json);
 	builder->unit->events = lappend(builder->unit->events, event);
 	builder->nevents++;
 	return event;
@@ -473,7 +473,6 @@ emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 			char	   *data = SPI_getvalue(tuptable->vals[i], tuptable->tupdesc, 2);
 
 			add_event(builder, entry, entry->seq, source, key, EVENT_UPSERT, data);
-			pfree(data);
 		}
 		SPI_freetuptable(tuptable);
 	}

@@ -53,21 +53,19 @@ take_json_string(json_object *object, size_t *len)
 }
 
 /*
- * Serialize one event.  data_json is the row as PostgreSQL's to_json()
- * wrote it, for upserts: it is valid JSON already, so it is spliced in as
- * the value of "data" rather than parsed and written again, which for a
- * C-CDA document of megabytes would triple the worker's memory.  kind is
- * the source's kind (NULL for markers).
+ * Serialize one event, without its data.  data_json is the row as
+ * PostgreSQL's to_json() wrote it, for upserts: it is valid JSON already,
+ * so it is spliced in as the value of "data" when the body is read, rather
+ * than parsed and written again, which for a C-CDA document of megabytes
+ * would triple the worker's memory.  kind is the source's kind (NULL for
+ * markers).
  */
-char *
-serialize_event(const DeliveryEvent *event, const char *kind,
-				const char *captured_at, const char *data_json, size_t *len)
+void
+serialize_event(DeliveryEvent *event, const char *kind,
+				const char *captured_at, const char *data_json)
 {
 	json_object *object = json_object_new_object();
-	char	   *head;
 	size_t		head_len;
-	size_t		data_len;
-	char	   *result;
 
 	json_object_object_add(object, "event_id", json_object_new_string(event->event_id));
 	json_object_object_add(object, "seq", json_object_new_int64(event->seq));
@@ -82,63 +80,137 @@ serialize_event(const DeliveryEvent *event, const char *kind,
 		json_object_object_add(object, "key", json_object_new_string(event->key));
 	json_object_object_add(object, "captured_at", json_object_new_string(captured_at));
 
-	head = take_json_string(object, &head_len);
-	if (data_json == NULL)
+	event->json = take_json_string(object, &head_len);
+	event->json_len = head_len;
+	event->data_json = data_json;
+	event->data_len = 0;
+	if (data_json != NULL)
 	{
-		*len = head_len;
-		return head;
+		/* {...} is sent as {...,"data":<row>} */
+		event->data_len = strlen(data_json);
+		event->json_len += strlen(",\"data\":") + event->data_len;
 	}
-
-	/* {...} becomes {...,"data":<row>} */
-	Assert(head_len > 2 && head[head_len - 1] == '}');
-	data_len = strlen(data_json);
-	result = palloc(head_len + data_len + 9);
-	memcpy(result, head, head_len - 1);
-	memcpy(result + head_len - 1, ",\"data\":", 8);
-	memcpy(result + head_len + 7, data_json, data_len);
-	result[head_len + 7 + data_len] = '}';
-	result[head_len + 8 + data_len] = '\0';
-	pfree(head);
-	*len = head_len + 8 + data_len;
-	return result;
 }
 
 /*
- * The body of one POST: the envelope around count events from first.
+ * Prepare the body of one POST: the envelope around count events from
+ * first.
  */
-char *
-build_batch_body(const char *batch_id, const char *practice_id,
-				 List *events, int first, int count, size_t *len)
+void
+batch_body_init(BatchBody *body, const char *batch_id, const char *practice_id,
+				List *events, int first, int count)
 {
-	StringInfoData body;
 	json_object *id = json_object_new_string(batch_id);
 	json_object *practice = json_object_new_string(practice_id);
-	size_t		total = 64;
 
-	for (int i = first; i < first + count; i++)
-		total += ((DeliveryEvent *) list_nth(events, i))->json_len + 1;
-
-	initStringInfo(&body);
-	enlargeStringInfo(&body, (int) Min(total, (size_t) MaxAllocSize / 2));
-	appendStringInfoString(&body, "{\"batch_id\":");
-	appendStringInfoString(&body, json_object_to_json_string_ext(id, JSON_C_TO_STRING_PLAIN));
-	appendStringInfoString(&body, ",\"practice_id\":");
-	appendStringInfoString(&body, json_object_to_json_string_ext(practice, JSON_C_TO_STRING_PLAIN));
-	appendStringInfoString(&body, ",\"events\":[");
-	for (int i = first; i < first + count; i++)
-	{
-		DeliveryEvent *event = list_nth(events, i);
-
-		if (i > first)
-			appendStringInfoChar(&body, ',');
-		appendBinaryStringInfo(&body, event->json, event->json_len);
-	}
-	appendStringInfoString(&body, "]}");
+	body->prefix = psprintf("{\"batch_id\":%s,\"practice_id\":%s,\"events\":[",
+							json_object_to_json_string_ext(id, JSON_C_TO_STRING_PLAIN),
+							json_object_to_json_string_ext(practice, JSON_C_TO_STRING_PLAIN));
 	json_object_put(id);
 	json_object_put(practice);
 
-	*len = body.len;
-	return body.data;
+	body->events = events;
+	body->first = first;
+	body->count = count;
+	body->total_len = strlen(body->prefix) + 2;
+	for (int i = first; i < first + count; i++)
+		body->total_len += ((DeliveryEvent *) list_nth(events, i))->json_len + (i > first ? 1 : 0);
+	batch_body_rewind(body);
+}
+
+/*
+ * Start reading the body again from its beginning (a retry).
+ */
+void
+batch_body_rewind(BatchBody *body)
+{
+	body->part = -1;
+	body->piece = 0;
+	body->offset = 0;
+}
+
+/*
+ * Copy from source to the buffer what fits; returns the bytes copied and
+ * advances *offset, which goes back to 0 when the source is done.
+ */
+static size_t
+copy_piece(const char *source, size_t len, size_t *offset, char *buffer, size_t size,
+		   bool *done)
+{
+	size_t		n = Min(len - *offset, size);
+
+	memcpy(buffer, source + *offset, n);
+	*offset += n;
+	*done = *offset == len;
+	if (*done)
+		*offset = 0;
+	return n;
+}
+
+/*
+ * Fill the buffer with the next bytes of the body; 0 at its end.
+ */
+size_t
+batch_body_read(BatchBody *body, char *buffer, size_t size)
+{
+	size_t		written = 0;
+
+	while (written < size && body->part <= body->count)
+	{
+		bool		done;
+
+		if (body->part == -1)
+		{
+			written += copy_piece(body->prefix, strlen(body->prefix), &body->offset,
+								  buffer + written, size - written, &done);
+			if (done)
+				body->part++;
+		}
+		else if (body->part == body->count)
+		{
+			written += copy_piece("]}", 2, &body->offset, buffer + written,
+								  size - written, &done);
+			if (done)
+				body->part++;
+		}
+		else
+		{
+			DeliveryEvent *event = list_nth(body->events, body->first + body->part);
+			const char *separator = body->part > 0 ? "," : "";
+
+			switch (body->piece)
+			{
+				case 0:			/* separator */
+					written += copy_piece(separator, strlen(separator), &body->offset,
+										  buffer + written, size - written, &done);
+					break;
+				case 1:			/* head, without its closing brace if data follows */
+					written += copy_piece(event->json,
+										  strlen(event->json) - (event->data_json ? 1 : 0),
+										  &body->offset, buffer + written, size - written, &done);
+					break;
+				case 2:
+					written += copy_piece(",\"data\":", event->data_json ? 8 : 0,
+										  &body->offset, buffer + written, size - written, &done);
+					break;
+				case 3:
+					written += copy_piece(event->data_json ? event->data_json : "",
+										  event->data_len, &body->offset,
+										  buffer + written, size - written, &done);
+					break;
+				default:
+					written += copy_piece("}", event->data_json ? 1 : 0, &body->offset,
+										  buffer + written, size - written, &done);
+					break;
+			}
+			if (done && ++body->piece > 4)
+			{
+				body->piece = 0;
+				body->part++;
+			}
+		}
+	}
+	return written;
 }
 
 /*

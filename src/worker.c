@@ -58,8 +58,7 @@ typedef struct Batch
 	int			first;
 	int			count;
 	char		batch_id[33];
-	char	   *body;
-	size_t		body_len;
+	BatchBody	body;
 } Batch;
 
 /* What the worker is in the middle of. */
@@ -433,9 +432,8 @@ next_batch(DeliveryState *delivery)
 	{
 		MemoryContext oldcontext = MemoryContextSwitchTo(unit->context);
 
-		batch->body = build_batch_body(batch->batch_id, delivery->settings.practice_id,
-									   unit->events, batch->first, batch->count,
-									   &batch->body_len);
+		batch_body_init(&batch->body, batch->batch_id, delivery->settings.practice_id,
+						unit->events, batch->first, batch->count);
 		MemoryContextSwitchTo(oldcontext);
 	}
 	return batch;
@@ -589,8 +587,7 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 	request.ca_file = portal_sync_ca_file;
 	request.timeout_ms = portal_sync_http_timeout;
 	request.batch_id = batch->batch_id;
-	request.body = batch->body;
-	request.body_len = batch->body_len;
+	request.body = &batch->body;
 
 	pgstat_report_activity(STATE_RUNNING, "portal_sync: sending a batch");
 	http_post(&request, &result);
