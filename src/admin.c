@@ -23,6 +23,7 @@
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
+#include "seq_fence.h"
 #include "shared_state.h"
 
 PG_FUNCTION_INFO_V1(portal_sync_resync_patient);
@@ -140,6 +141,7 @@ portal_sync_retry_dead_letters(PG_FUNCTION_ARGS)
 	ExtensionOwnerContext owner;
 	int64		retried;
 
+	seq_fence_claim();
 	begin_as_owner(&owner);
 	retried = count_of("WITH dead AS ("
 					   "  DELETE FROM portal_sync.dead_letter"

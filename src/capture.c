@@ -39,6 +39,7 @@
 #include "utils/tuplestore.h"
 
 #include "portal_sync.h"
+#include "seq_fence.h"
 
 PG_FUNCTION_INFO_V1(portal_sync_capture);
 
@@ -428,6 +429,7 @@ capture_truncate(SourceConfig *config, Relation rel)
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	seq_fence_claim();
 	if (config->kind == SOURCE_INSURANCE)
 	{
 		Oid			relid = RelationGetRelid(rel);

@@ -175,6 +175,7 @@ claim_slot(Oid dboid, bool *running)
 			slot->extension_missing = false;
 			slot->state = WORKER_NOT_RUNNING;
 			slot->paused_until = 0;
+			pg_atomic_write_u64(&slot->sequence_seen, 0);
 			index = i;
 			break;
 		}

@@ -31,6 +31,7 @@
 
 #include "miscadmin.h"
 #include "portal_sync.h"
+#include "seq_fence.h"
 #include "shared_state.h"
 
 /* Column numbers of portal_sync.outbox, as created by the install script. */
@@ -141,6 +142,7 @@ outbox_writer_add_row(OutboxWriter *writer, const char *patient_id,
 	}
 	oldcontext = MemoryContextSwitchTo(writer->batch_context);
 
+	seq_fence_claim();
 	seq = nextval_internal(writer->seq_relid, false);
 
 	memset(slot->tts_isnull, false, Natts_outbox * sizeof(bool));

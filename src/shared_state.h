@@ -12,6 +12,7 @@
 
 #include "postgres.h"
 
+#include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -49,6 +50,9 @@ typedef struct WorkerSlot
 	TimestampTz last_error_at;
 	TimestampTz next_attempt_at;
 	char		last_error[WORKER_ERROR_LEN];
+
+	/* the outbox sequence's value as the worker last read it (seq_fence.c) */
+	pg_atomic_uint64 sequence_seen;
 } WorkerSlot;
 
 typedef struct PortalSyncShared
@@ -80,5 +84,6 @@ extern PGDLLEXPORT void portal_sync_launcher_main(Datum arg);
 /* worker.c */
 extern PGDLLEXPORT void portal_sync_worker_main(Datum arg);
 extern const char *worker_state_name(WorkerState state);
+extern WorkerSlot *my_worker_slot(void);
 
 #endif							/* PORTAL_SYNC_SHARED_STATE_H */

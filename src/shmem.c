@@ -25,6 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
+#include "seq_fence.h"
 #include "shared_state.h"
 
 PortalSyncShared *portal_sync_shared = NULL;
@@ -51,6 +52,7 @@ portal_sync_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(shared_state_size());
+	RequestAddinShmemSpace(seq_fence_shmem_size());
 	RequestNamedLWLockTranche("portal_sync", 1);
 }
 
@@ -73,7 +75,10 @@ portal_sync_shmem_startup(void)
 		portal_sync_shared->lock = &(GetNamedLWLockTranche("portal_sync"))->lock;
 		portal_sync_shared->max_workers = portal_sync_max_workers;
 		ConditionVariableInit(&portal_sync_shared->ready_cv);
+		for (int i = 0; i < portal_sync_max_workers; i++)
+			pg_atomic_init_u64(&portal_sync_shared->slots[i].sequence_seen, 0);
 	}
+	seq_fence_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 

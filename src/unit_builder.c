@@ -43,6 +43,8 @@
 #include "utils/snapmgr.h"
 
 #include "delivery.h"
+#include "seq_fence.h"
+#include "shared_state.h"
 #include "source_reader.h"
 #include "string_map.h"
 
@@ -174,7 +176,7 @@ snapshot_horizon_passed(int64 seq)
 		VirtualTransactionId *running;
 		int			count;
 
-		running = GetCurrentVirtualXIDs(InvalidTransactionId, true, false,
+		running = GetCurrentVirtualXIDs(InvalidTransactionId, false, false,
 										PROC_IN_VACUUM, &count);
 		entry->waiting = MemoryContextAlloc(TopMemoryContext,
 											Max(count, 1) * sizeof(VirtualTransactionId));
@@ -203,18 +205,52 @@ snapshot_horizon_passed(int64 seq)
 /*
  * Read the oldest outbox entries into the unit.
  */
+/*
+ * The highest seq that no running transaction can still commit below:
+ * see seq_fence.c.  Then a new snapshot, taken after that, for reading
+ * the outbox: everything at or below the safe seq is visible in it.
+ */
+static int64
+read_safe_seq(void)
+{
+	int64		sequence_value;
+	bool		isnull;
+	int64		safe;
+
+	if (spi_query("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
+				  " FROM portal_sync.outbox_seq", 0, NULL, NULL, NULL, true) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "reading portal_sync.outbox_seq failed");
+	sequence_value = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+												 SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+
+	safe = seq_fence_safe_seq(my_worker_slot(), sequence_value);
+
+	PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	return safe;
+}
+
+/*
+ * Read the oldest outbox entries into the unit: those at or below the
+ * safe seq.  If some above it wait, the unit is marked blocked.
+ */
 static void
 read_outbox_entries(DeliveryUnit *unit, int limit)
 {
-	Oid			types[1] = {INT4OID};
-	Datum		values[1] = {Int32GetDatum(limit)};
+	Oid			types[2] = {INT4OID, INT8OID};
+	Datum		values[2];
 	int			ret;
+	int64		safe_seq = read_safe_seq();
 
+	values[0] = Int32GetDatum(limit);
+	values[1] = Int64GetDatum(safe_seq);
 	ret = spi_query("SELECT seq, patient_id, COALESCE(source_id, 0), op, keys,"
-								" pg_catalog.to_char(captured_at AT TIME ZONE 'UTC',"
-								"   'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-								" FROM portal_sync.outbox ORDER BY seq LIMIT $1",
-								1, types, values, NULL, true);
+					" pg_catalog.to_char(captured_at AT TIME ZONE 'UTC',"
+					"   'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+					" FROM portal_sync.outbox WHERE seq <= $2 ORDER BY seq LIMIT $1",
+					2, types, values, NULL, true);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading portal_sync.outbox failed: %s", SPI_result_code_string(ret));
 
@@ -259,6 +295,16 @@ read_outbox_entries(DeliveryUnit *unit, int limit)
 		}
 	}
 	SPI_freetuptable(SPI_tuptable);
+
+	if (!unit->more_pending)
+	{
+		if (spi_query("SELECT 1 FROM portal_sync.outbox WHERE seq > $2 LIMIT $1",
+					  2, types, values, NULL, true) != SPI_OK_SELECT)
+			elog(ERROR, "reading portal_sync.outbox failed");
+		if (SPI_processed > 0)
+			unit->blocked = true;	/* a transaction may still commit below them */
+		SPI_freetuptable(SPI_tuptable);
+	}
 }
 
 /*

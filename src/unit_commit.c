@@ -22,6 +22,7 @@
 #include "utils/builtins.h"
 
 #include "delivery.h"
+#include "seq_fence.h"
 #include "shared_state.h"
 #include "source_reader.h"
 
@@ -203,6 +204,7 @@ snapshot_accepted(DeliveryEvent *end)
 													   SPI_tuptable->tupdesc, 1));
 		SPI_freetuptable(SPI_tuptable);
 
+		seq_fence_claim();
 		insert_values[0] = CStringGetTextDatum(end->patient_id);
 		insert_values[1] = Int32GetDatum(source->source_id);
 		insert_values[2] = make_array(keys, nkeys, TEXTOID);

@@ -38,6 +38,7 @@
 #include "utils/timestamp.h"
 
 #include "delivery.h"
+#include "seq_fence.h"
 #include "shared_state.h"
 
 /* How often an idle worker looks at the outbox without being woken. */
@@ -80,6 +81,15 @@ typedef struct DeliveryState
 
 static WorkerSlot *my_slot = NULL;
 static pg_prng_state backoff_prng;
+
+/*
+ * This worker's slot.
+ */
+WorkerSlot *
+my_worker_slot(void)
+{
+	return my_slot;
+}
 
 /*
  * Names of the states, as portal_sync.status shows them.
@@ -277,6 +287,7 @@ promote_resyncs(DeliveryState *delivery)
 	values[0] = Int32GetDatum(budget);
 	begin_work("portal_sync: starting resync snapshots");
 	exit_if_extension_dropped();
+	seq_fence_claim();
 	if (SPI_execute_with_args("WITH due AS ("
 							  "  DELETE FROM portal_sync.resync_queue WHERE patient_id IN ("
 							  "    SELECT patient_id FROM portal_sync.resync_queue"

@@ -138,6 +138,10 @@ one(q{SELECT pstest.book(7)});
 $node->safe_psql($db, 'SELECT pg_sleep(1.5)');
 $bg->query_safe(q{COMMIT});
 ok(ps_wait_drained($node, $db), 'A: drained');
+$items = ps_portal_items($portal, $db);
+my @meds7 = split /\n/, one(q{SELECT med_id FROM ehr.medication WHERE patient_id = 7 ORDER BY 1});
+is(join(',', map { $items->{7}{medication}{$_}{dose} // 'missing' } @meds7), 'long A,long A',
+	'A: the change committed after the snapshot was requested reaches the portal');
 ps_compare_state($node, $db, $portal, 'A: change committed across an enrollment');
 
 # B: an enrolled patient's change committed after resync_patient().
@@ -147,6 +151,8 @@ ps_query($node, $db, q{SELECT portal_sync.resync_patient('1')});
 $node->safe_psql($db, 'SELECT pg_sleep(1.5)');
 $bg->query_safe(q{COMMIT});
 ok(ps_wait_drained($node, $db), 'B: drained');
+is(scalar(grep { $_->{patient_id} eq '1' } @{ $portal->state->{order_violations} }), 0,
+	'B: patient 1\'s events accepted in seq order across the resync');
 ps_compare_state($node, $db, $portal, 'B: change committed across a resync');
 
 # C: a change committed after the chart was restricted (purge).
@@ -156,6 +162,8 @@ one(q{UPDATE ehr.patient SET privacy_level = 3 WHERE patient_id = 2});
 $node->safe_psql($db, 'SELECT pg_sleep(1.5)');
 $bg->query_safe(q{COMMIT});
 ok(ps_wait_drained($node, $db), 'C: drained');
+is(scalar(grep { $_->{patient_id} eq '2' } @{ $portal->state->{purge_violations} }), 0,
+	'C: nothing sent for patient 2 after its purge');
 ps_compare_state($node, $db, $portal, 'C: change committed across a purge');
 one(q{UPDATE ehr.patient SET privacy_level = 0 WHERE patient_id = 2});
 ok(ps_wait_drained($node, $db), 'C: drained after unrestricting');
