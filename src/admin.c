@@ -141,7 +141,7 @@ portal_sync_retry_dead_letters(PG_FUNCTION_ARGS)
 	ExtensionOwnerContext owner;
 	int64		retried;
 
-	seq_fence_claim();
+	seq_fence_claim(patient_id);
 	begin_as_owner(&owner);
 	retried = count_of("WITH dead AS ("
 					   "  DELETE FROM portal_sync.dead_letter"

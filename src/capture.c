@@ -429,7 +429,7 @@ capture_truncate(SourceConfig *config, Relation rel)
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	seq_fence_claim();
+	seq_fence_claim(NULL);
 	if (config->kind == SOURCE_INSURANCE)
 	{
 		Oid			relid = RelationGetRelid(rel);

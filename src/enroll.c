@@ -73,7 +73,7 @@ queue_resync(const char *patient_id, int64 *last_seq)
 	else
 		nulls[0] = 'n';
 
-	seq_fence_claim();
+	seq_fence_claim(patient_id);
 	ret = SPI_execute_with_args("WITH resync AS ("
 								"  UPDATE portal_sync.enrollment"
 								"  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
@@ -187,7 +187,7 @@ enroll_patient(const char *patient_id, const char *enrolled_by)
 	args[0] = CStringGetTextDatum(patient_id);
 	args[1] = CStringGetTextDatum(enrolled_by);
 
-	seq_fence_claim();
+	seq_fence_claim(patient_id);
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

@@ -142,7 +142,7 @@ outbox_writer_add_row(OutboxWriter *writer, const char *patient_id,
 	}
 	oldcontext = MemoryContextSwitchTo(writer->batch_context);
 
-	seq_fence_claim();
+	seq_fence_claim(patient_id);
 	seq = nextval_internal(writer->seq_relid, false);
 
 	memset(slot->tts_isnull, false, Natts_outbox * sizeof(bool));

@@ -12,9 +12,23 @@
 
 struct WorkerSlot;
 
+/* Most running transactions a view tracks one by one. */
+#define SEQ_FENCE_MAX_VIEW 256
+
+/* The worker's view of the floors at one moment. */
+typedef struct SeqFenceView
+{
+	int64		sequence_value;
+	int			count;
+	uint64		floors[SEQ_FENCE_MAX_VIEW];
+	uint64		patients[SEQ_FENCE_MAX_VIEW];
+} SeqFenceView;
+
 extern Size seq_fence_shmem_size(void);
 extern void seq_fence_shmem_init(void);
-extern void seq_fence_claim(void);
-extern int64 seq_fence_safe_seq(struct WorkerSlot *slot, int64 sequence_value);
+extern void seq_fence_claim(const char *patient_id);
+extern void seq_fence_scan(struct WorkerSlot *slot, int64 sequence_value,
+						   SeqFenceView *view);
+extern bool seq_fence_holds(const SeqFenceView *view, int64 seq, const char *patient_id);
 
 #endif							/* PORTAL_SYNC_SEQ_FENCE_H */

@@ -83,6 +83,7 @@ typedef struct UnitBuilder
 	HTAB	   *patients;		/* of PatientState */
 	HTAB	   *emitted;		/* of EmittedItem */
 	int			nevents;
+	SeqFenceView *fence;
 } UnitBuilder;
 
 /*
@@ -206,16 +207,15 @@ snapshot_horizon_passed(int64 seq)
  * Read the oldest outbox entries into the unit.
  */
 /*
- * The highest seq that no running transaction can still commit below:
- * see seq_fence.c.  Then a new snapshot, taken after that, for reading
- * the outbox: everything at or below the safe seq is visible in it.
+ * Look at the floors of running transactions (see seq_fence.c), then take
+ * a new snapshot for reading the outbox, so that every event the view
+ * lets through is visible in it.
  */
-static int64
-read_safe_seq(void)
+static void
+read_seq_fence(SeqFenceView *view)
 {
 	int64		sequence_value;
 	bool		isnull;
-	int64		safe;
 
 	if (spi_query("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
 				  " FROM portal_sync.outbox_seq", 0, NULL, NULL, NULL, true) != SPI_OK_SELECT ||
@@ -225,27 +225,26 @@ read_safe_seq(void)
 												 SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 
-	safe = seq_fence_safe_seq(my_worker_slot(), sequence_value);
+	seq_fence_scan(my_worker_slot(), sequence_value, view);
 
 	PopActiveSnapshot();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	return safe;
 }
 
 /*
  * Read the oldest outbox entries into the unit: those at or below the
- * safe seq.  If some above it wait, the unit is marked blocked.
+ * sequence value of the fence view.  If some above it wait, the unit is
+ * marked blocked.
  */
 static void
-read_outbox_entries(DeliveryUnit *unit, int limit)
+read_outbox_entries(DeliveryUnit *unit, int limit, const SeqFenceView *fence)
 {
 	Oid			types[2] = {INT4OID, INT8OID};
 	Datum		values[2];
 	int			ret;
-	int64		safe_seq = read_safe_seq();
 
 	values[0] = Int32GetDatum(limit);
-	values[1] = Int64GetDatum(safe_seq);
+	values[1] = Int64GetDatum(fence->sequence_value);
 	ret = spi_query("SELECT seq, patient_id, COALESCE(source_id, 0), op, keys,"
 					" pg_catalog.to_char(captured_at AT TIME ZONE 'UTC',"
 					"   'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
@@ -608,6 +607,14 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	if (patient->blocked)
 		return;
 
+	if (seq_fence_holds(builder->fence, entry->seq, entry->patient_id))
+	{
+		/* an earlier event of the patient may still commit */
+		patient->blocked = true;
+		builder->unit->blocked = true;
+		return;
+	}
+
 	if (entry->op == OUTBOX_OP_SNAPSHOT)
 	{
 		if (!snapshot_horizon_passed(entry->seq))
@@ -673,8 +680,10 @@ build_delivery_unit(SharingSettings *settings, int max_events, MemoryContext con
 	builder.unit = unit;
 	builder.settings = settings;
 
+	builder.fence = palloc(sizeof(SeqFenceView));
+	read_seq_fence(builder.fence);
 	set_sharing_parameters(settings->date_cutoff, settings->max_privacy_level);
-	read_outbox_entries(unit, max_events);
+	read_outbox_entries(unit, max_events, builder.fence);
 	load_unit_context(&builder);
 
 	for (int i = 0; i < unit->nentries; i++)

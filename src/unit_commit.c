@@ -204,7 +204,7 @@ snapshot_accepted(DeliveryEvent *end)
 													   SPI_tuptable->tupdesc, 1));
 		SPI_freetuptable(SPI_tuptable);
 
-		seq_fence_claim();
+		seq_fence_claim(end->patient_id);
 		insert_values[0] = CStringGetTextDatum(end->patient_id);
 		insert_values[1] = Int32GetDatum(source->source_id);
 		insert_values[2] = make_array(keys, nkeys, TEXTOID);

@@ -272,7 +272,8 @@ promote_resyncs(DeliveryState *delivery)
 	Oid			types[1] = {INT4OID};
 	Datum		values[1];
 
-	delivery->resync_tokens = Min((double) portal_sync_resync_rate,
+	/* a small bucket: the snapshots start evenly spread over each second */
+	delivery->resync_tokens = Min(Max(1.0, portal_sync_resync_rate / 10.0),
 								  delivery->resync_tokens + elapsed * portal_sync_resync_rate);
 	delivery->resync_refilled_at = now;
 	budget = (int) delivery->resync_tokens;
@@ -287,7 +288,7 @@ promote_resyncs(DeliveryState *delivery)
 	values[0] = Int32GetDatum(budget);
 	begin_work("portal_sync: starting resync snapshots");
 	exit_if_extension_dropped();
-	seq_fence_claim();
+	seq_fence_claim(NULL);
 	if (SPI_execute_with_args("WITH due AS ("
 							  "  DELETE FROM portal_sync.resync_queue WHERE patient_id IN ("
 							  "    SELECT patient_id FROM portal_sync.resync_queue"

@@ -30,6 +30,9 @@
 #   BENCH_PGBENCH_TIME     seconds per pgbench round (default 30)
 #   BENCH_PORT             port of the throwaway server (default 54329)
 #   BENCH_SHARED_BUFFERS   default 256MB
+#   BENCH_NO_FK=1          drop the foreign key of the benchmarked table to
+#                          ehr.patient (its per-row check doubles the bare
+#                          insert's cost, which flatters the ratios)
 #   BENCH_KEEP=1           keep the cluster directory afterwards
 #   PG_CONFIG              default /usr/lib/postgresql/15/bin/pg_config
 set -euo pipefail
@@ -210,6 +213,10 @@ END
 \$\$;
 
 CREATE TABLE bench.result (phase text, mode text, round int, value float8);
+\\if $([ "${BENCH_NO_FK:-0}" = 1 ] && echo true || echo false)
+SELECT format('ALTER TABLE $TABLE DROP CONSTRAINT %I', conname) AS drop_fk
+FROM pg_constraint WHERE conrelid = '$TABLE'::regclass AND contype = 'f' \\gexec
+\\endif
 VACUUM ANALYZE;
 EOF
 [ -n "$(psql_bench -Atc 'SELECT sql FROM bench.attach_args')" ] ||
@@ -235,6 +242,8 @@ SELECT format('portal_sync %s; %s sources attached; %s of %s patients enrolled',
               (SELECT count(*) FROM portal_sync.sources),
               (SELECT count(*) FROM portal_sync.enrollment),
               (SELECT count(*) FROM ehr.patient));
+SELECT format('portal_sync.endpoint = ''%s'' (the worker does not deliver during this benchmark)',
+              current_setting('portal_sync.endpoint'));
 EOF
 
 # ---------------------------------------------------------------- bulk insert
@@ -246,7 +255,7 @@ SELECT 1 + g % $PATIENTS, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text,
 FROM generate_series(1, $ROWS) g"
 
 echo
-echo "== bulk insert: $ROWS rows into $TABLE, $ROUNDS rounds per mode (+1 warm-up), one session"
+echo "== bulk insert: $ROWS rows into $TABLE ($(psql_bench -Atc "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '$TABLE'::regclass AND contype = 'f') THEN 'with' ELSE 'without' END") its foreign key to ehr.patient), $ROUNDS rounds per mode (+1 warm-up), one session"
 SCRIPT=$WORK/bulk.sql
 {
 	echo "\\set QUIET on"
@@ -289,18 +298,33 @@ VALUES (1 + :g % $PATIENTS, 'amoxicillin ' || (:g % 97), (308182 + :g % 50)::tex
 EOF
 [ "$(id -u)" -eq 0 ] && chown postgres: "$PGB_SCRIPT"
 
+# CPU seconds used so far by portal_sync's launcher and workers: on two
+# cores, a worker that wakes at every commit competes with the clients.
+worker_cpu() {
+	local pids pid total=0 t
+	pids=$(psql_bench -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type LIKE 'portal_sync%'")
+	for pid in $pids; do
+		t=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+		total=$((total + ${t:-0}))
+	done
+	awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}'
+}
+
 pgb_round() { # mode round-number seconds
 	psql_bench -c "SET client_min_messages = warning" -c "SELECT bench.set_mode('$1')" \
 		-c "TRUNCATE $TABLE" -c "TRUNCATE portal_sync.outbox, bench.ref_outbox" \
 		-c "CHECKPOINT" >/dev/null || server_failed "switching to mode $1"
-	local out tps
+	local out tps cpu0 cpu1
+	cpu0=$(worker_cpu)
 	out=$(as_pg "$BINDIR/pgbench" -n -h "$WORK" -p "$PORT" -c "$PGB_CLIENTS" -j "$PGB_CLIENTS" \
 		-T "$3" -f "$PGB_SCRIPT" bench 2>&1) || { echo "$out"; server_failed "pgbench"; }
 	tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\).*/\1/p' <<<"$out")
 	[ -n "$tps" ] || { echo "$out"; die "no tps in pgbench output"; }
+	cpu1=$(worker_cpu)
 	if [ "$2" -gt 0 ]; then
 		psql_bench -c "INSERT INTO bench.result VALUES ('oltp', '$1', $2, $tps)"
-		printf '   round %d %-12s %10.1f tps\n' "$2" "$1" "$tps"
+		printf '   round %d %-12s %10.1f tps   (portal_sync processes used %s s CPU)\n' \
+			"$2" "$1" "$tps" "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN {printf "%.2f", b - a}')"
 	fi
 }
 pgb_round none 0 5
