@@ -95,6 +95,7 @@ typedef struct SnapshotHorizon
 	int64		seq;
 	int			nwaiting;
 	VirtualTransactionId *waiting;
+	bool		passed;			/* all ended before this unit's snapshot */
 } SnapshotHorizon;
 
 static HTAB *snapshot_horizons = NULL;
@@ -149,17 +150,48 @@ forget_snapshot_horizons(void)
 }
 
 /*
+ * Before a unit takes its snapshot: note which snapshot requests no longer
+ * wait for any transaction.  Checked before, so that the snapshot the unit
+ * reads with sees everything those transactions committed.
+ */
+static void
+refresh_snapshot_horizons(void)
+{
+	HASH_SEQ_STATUS status;
+	SnapshotHorizon *entry;
+
+	if (snapshot_horizons == NULL)
+		return;
+	hash_seq_init(&status, snapshot_horizons);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		int			still_running = 0;
+
+		for (int i = 0; i < entry->nwaiting; i++)
+		{
+			if (!VirtualTransactionIdIsValid(entry->waiting[i]))
+				continue;
+			if (VirtualXactLock(entry->waiting[i], false))
+				SetInvalidVirtualTransactionId(entry->waiting[i]);
+			else
+				still_running++;
+		}
+		entry->passed = still_running == 0;
+	}
+}
+
+/*
  * May the snapshot requested at seq be read now?  See the file header.  A
  * transaction that was running when the worker first saw the request may
  * have checked enrollment before it committed; the snapshot is read once
- * all of them (in this database, with a snapshot) have ended.
+ * all of them (in this database) have ended, by a unit whose snapshot was
+ * taken after that.
  */
 static bool
 snapshot_horizon_passed(int64 seq)
 {
 	SnapshotHorizon *entry;
 	bool		found;
-	int			still_running = 0;
 
 	if (snapshot_horizons == NULL)
 	{
@@ -183,19 +215,11 @@ snapshot_horizon_passed(int64 seq)
 											Max(count, 1) * sizeof(VirtualTransactionId));
 		memcpy(entry->waiting, running, count * sizeof(VirtualTransactionId));
 		entry->nwaiting = count;
+		entry->passed = false;
 		pfree(running);
+		return false;
 	}
-
-	for (int i = 0; i < entry->nwaiting; i++)
-	{
-		if (!VirtualTransactionIdIsValid(entry->waiting[i]))
-			continue;
-		if (VirtualXactLock(entry->waiting[i], false))
-			SetInvalidVirtualTransactionId(entry->waiting[i]);
-		else
-			still_running++;
-	}
-	if (still_running > 0)
+	if (!entry->passed)
 		return false;
 
 	pfree(entry->waiting);
@@ -203,9 +227,6 @@ snapshot_horizon_passed(int64 seq)
 	return true;
 }
 
-/*
- * Read the oldest outbox entries into the unit.
- */
 /*
  * Look at the floors of running transactions (see seq_fence.c), then take
  * a new snapshot for reading the outbox, so that every event the view
@@ -680,6 +701,7 @@ build_delivery_unit(SharingSettings *settings, int max_events, MemoryContext con
 	builder.unit = unit;
 	builder.settings = settings;
 
+	refresh_snapshot_horizons();
 	builder.fence = palloc(sizeof(SeqFenceView));
 	read_seq_fence(builder.fence);
 	set_sharing_parameters(settings->date_cutoff, settings->max_privacy_level);
