@@ -109,13 +109,13 @@ ps_check_portal_invariants($portal, 'after enrollment');
 # Snapshot shape: begin, items, end share one seq; items cover every source.
 $reqs = $portal->requests;
 my $ev1 = ps_events($reqs, patient => '1', accepted => 1);
-my ($b) = grep { $_->{op} eq 'snapshot_begin' } @$ev1;
+my ($begin) = grep { $_->{op} eq 'snapshot_begin' } @$ev1;
 my ($e) = grep { $_->{op} eq 'snapshot_end' } @$ev1;
-ok($b && $e && $b->{seq} == $e->{seq}, 'snapshot_begin and snapshot_end share a seq');
-if ($b)
+ok($begin && $e && $begin->{seq} == $e->{seq}, 'snapshot_begin and snapshot_end share a seq');
+if ($begin)
 {
 	my %srcs = map { $_->{source} => 1 }
-	  grep { $_->{op} eq 'upsert' && $_->{seq} == $b->{seq} } @$ev1;
+	  grep { $_->{op} eq 'upsert' && $_->{seq} == $begin->{seq} } @$ev1;
 	for my $s (qw(patient appointment medication allergy problem immunization vital_sign lab_result insurance))
 	{
 		ok($srcs{$s}, "snapshot of patient 1 carries $s");
