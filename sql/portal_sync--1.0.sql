@@ -97,7 +97,6 @@ CREATE TABLE portal_sync.outbox (
 	keys text[],
 	captured_at timestamptz NOT NULL
 );
-CREATE INDEX outbox_patient ON portal_sync.outbox (patient_id, seq);
 
 /*
  * enrollment: patients whose data flows to the portal, with the initiating
@@ -281,12 +280,16 @@ SELECT e.patient_id,
 	   e.snapshot_requested_at,
 	   e.snapshot_accepted_at,
 	   (e.snapshot_accepted_at IS NOT NULL AND NOT e.purged) AS ready,
-	   (SELECT COALESCE(pg_catalog.sum(CASE WHEN o.op = 's' THEN 1 ELSE pg_catalog.cardinality(o.keys) END), 0)::bigint
-		FROM portal_sync.outbox o WHERE o.patient_id = e.patient_id) AS pending_events,
-	   (SELECT pg_catalog.count(*) FROM portal_sync.dead_letter d
-		WHERE d.patient_id = e.patient_id) AS dead_letters,
+	   COALESCE(o.pending_events, 0) AS pending_events,
+	   COALESCE(d.dead_letters, 0) AS dead_letters,
 	   e.last_delivered_at
-FROM portal_sync.enrollment e;
+FROM portal_sync.enrollment e
+LEFT JOIN (SELECT patient_id,
+				  pg_catalog.sum(CASE WHEN op = 's' THEN 1 ELSE pg_catalog.cardinality(keys) END)::bigint
+					AS pending_events
+		   FROM portal_sync.outbox GROUP BY patient_id) o ON o.patient_id = e.patient_id
+LEFT JOIN (SELECT patient_id, pg_catalog.count(*) AS dead_letters
+		   FROM portal_sync.dead_letter GROUP BY patient_id) d ON d.patient_id = e.patient_id;
 
 /* dead_letters: events the portal rejected. */
 CREATE VIEW portal_sync.dead_letters AS

@@ -16,6 +16,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/xact.h"
 #include "access/htup_details.h"
 #include "access/stratnum.h"
 #include "access/table.h"
@@ -25,6 +26,9 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "storage/proc.h"
+#include "utils/inval.h"
+#include "utils/memutils.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -33,6 +37,7 @@
 #include "utils/syscache.h"
 
 #include "portal_sync.h"
+#include "string_map.h"
 #include "seq_fence.h"
 
 PG_FUNCTION_INFO_V1(portal_sync_enroll);
@@ -143,17 +148,51 @@ restore_user(ExtensionOwnerContext *context)
 }
 
 /*
- * Is the patient enrolled?  Looked up in the primary key of
- * portal_sync.enrollment with the latest snapshot, so that an enrollment
- * committed while the current statement ran is seen too.
+ * What this backend knows of patients' enrollment.  An enrollment is never
+ * undone, so "enrolled" is kept for good.  "Not enrolled" is kept for the
+ * current transaction only: a patient enrolled while it runs is covered by
+ * the worker, which reads that patient's snapshot only after every
+ * transaction that was running at the enrollment has ended.
  */
-bool
-patient_is_enrolled(const char *patient_id)
+typedef struct EnrollmentCacheEntry
+{
+	char	   *patient_id;		/* key */
+	bool		enrolled;
+	bool		for_good;		/* enrolled by a committed transaction */
+	LocalTransactionId checked_in;	/* otherwise valid in this one only */
+} EnrollmentCacheEntry;
+
+static HTAB *enrollment_cache = NULL;
+static Oid	enrollment_cache_relid = InvalidOid;
+
+/*
+ * Forget the cache when portal_sync.enrollment goes (DROP EXTENSION) or
+ * the relcache is reset.
+ */
+static void
+enrollment_cache_invalidate(Datum arg, Oid relid)
+{
+	if (enrollment_cache != NULL &&
+		(relid == InvalidOid || relid == enrollment_cache_relid))
+	{
+		hash_destroy(enrollment_cache);
+		enrollment_cache = NULL;
+	}
+}
+
+/*
+ * Look the patient up in the primary key of portal_sync.enrollment with
+ * the latest snapshot, so that an enrollment committed while the current
+ * statement ran is seen too.
+ */
+static bool
+lookup_enrollment(const char *patient_id, bool *for_good)
 {
 	Relation	rel = table_open(portal_sync_relid("enrollment"), AccessShareLock);
 	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
 	ScanKeyData key;
 	SysScanDesc scan;
+	HeapTuple	tuple;
 	bool		enrolled;
 
 	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_TEXTEQ,
@@ -162,12 +201,71 @@ patient_is_enrolled(const char *patient_id)
 
 	scan = systable_beginscan(rel, RelationGetPrimaryKeyIndex(rel), true,
 							  snapshot, 1, &key);
-	enrolled = HeapTupleIsValid(systable_getnext(scan));
+	tuple = systable_getnext(scan);
+	enrolled = HeapTupleIsValid(tuple);
+	/* an enrollment of this very transaction may still roll back */
+	*for_good = enrolled &&
+		!TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tuple->t_data));
 	systable_endscan(scan);
 
 	UnregisterSnapshot(snapshot);
 	table_close(rel, AccessShareLock);
 	return enrolled;
+}
+
+/*
+ * Is the patient enrolled?  Called once per patient per statement on the
+ * capture path, so the answer is cached (see EnrollmentCacheEntry).
+ */
+bool
+patient_is_enrolled(const char *patient_id)
+{
+	static bool callback_registered = false;
+	EnrollmentCacheEntry *entry;
+	bool		found;
+
+	if (enrollment_cache == NULL)
+	{
+		if (!callback_registered)
+		{
+			CacheRegisterRelcacheCallback(enrollment_cache_invalidate, (Datum) 0);
+			callback_registered = true;
+		}
+		enrollment_cache_relid = portal_sync_relid("enrollment");
+		enrollment_cache = string_map_create("portal_sync enrollment cache",
+											 sizeof(EnrollmentCacheEntry),
+											 CacheMemoryContext);
+	}
+
+	entry = string_map_find(enrollment_cache, patient_id);
+	if (entry != NULL &&
+		(entry->for_good || entry->checked_in == MyProc->lxid))
+		return entry->enrolled;
+
+	if (entry == NULL)
+	{
+		char	   *key = MemoryContextStrdup(CacheMemoryContext, patient_id);
+
+		entry = string_map_enter(enrollment_cache, key, &found);
+	}
+	entry->enrolled = lookup_enrollment(patient_id, &entry->for_good);
+	entry->checked_in = MyProc->lxid;
+	return entry->enrolled;
+}
+
+/*
+ * Remember that this backend enrolled a patient.
+ */
+static void
+note_enrolled(const char *patient_id)
+{
+	if (enrollment_cache != NULL)
+	{
+		EnrollmentCacheEntry *entry = string_map_find(enrollment_cache, patient_id);
+
+		if (entry != NULL)
+			entry->checked_in = InvalidLocalTransactionId;	/* ask again */
+	}
 }
 
 /*
@@ -210,6 +308,7 @@ enroll_patient(const char *patient_id, const char *enrolled_by)
 	SPI_finish();
 	restore_user(&owner);
 
+	note_enrolled(patient_id);
 	if (newly_enrolled)
 		outbox_note_queued();
 	return newly_enrolled;

@@ -48,8 +48,9 @@
 /* Column numbers of portal_sync.skipped_row */
 #define Natts_skipped_row			3
 
-/* Did the current transaction queue events? */
+/* Did the current transaction queue events, or change the settings? */
 static bool events_queued = false;
+static bool settings_changed = false;
 
 struct OutboxWriter
 {
@@ -253,14 +254,14 @@ wake_worker_at_commit(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (events_queued)
-				wake_worker_of_database(MyDatabaseId);
-			events_queued = false;
+			if (events_queued || settings_changed)
+				wake_worker_of_database(MyDatabaseId, settings_changed);
+			events_queued = settings_changed = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
-			events_queued = false;
+			events_queued = settings_changed = false;
 			break;
 		default:
 			break;
@@ -271,8 +272,8 @@ wake_worker_at_commit(XactEvent event, void *arg)
  * Remember that this transaction queued events, so that the delivery
  * worker is woken when it commits.
  */
-void
-outbox_note_queued(void)
+static void
+register_wake_callback(void)
 {
 	static bool callback_registered = false;
 
@@ -281,5 +282,26 @@ outbox_note_queued(void)
 		RegisterXactCallback(wake_worker_at_commit, NULL);
 		callback_registered = true;
 	}
+}
+
+/*
+ * Remember that this transaction queued events, so that the delivery
+ * worker is woken when it commits.
+ */
+void
+outbox_note_queued(void)
+{
+	register_wake_callback();
 	events_queued = true;
+}
+
+/*
+ * Remember that this transaction changed portal_sync.settings: the worker
+ * is woken at commit even if it is paused or backing off.
+ */
+void
+outbox_note_settings_changed(void)
+{
+	register_wake_callback();
+	settings_changed = true;
 }

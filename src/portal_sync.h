@@ -95,6 +95,7 @@ extern void outbox_writer_close(OutboxWriter *writer);
 extern int64 outbox_queue_snapshot(const char *patient_id);
 extern void outbox_count_skipped(int32 source_id, int64 row_count);
 extern void outbox_note_queued(void);
+extern void outbox_note_settings_changed(void);
 
 /* Enrollment (enroll.c) */
 extern bool patient_is_enrolled(const char *patient_id);

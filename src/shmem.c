@@ -114,10 +114,11 @@ worker_slot_for_database(Oid dboid)
 /*
  * Wake the delivery worker of a database, if it runs.  Called at commit
  * of a transaction that queued events: the latency of delivery is the
- * latency of this SetLatch, not of a polling interval.
+ * latency of this SetLatch, not of a polling interval.  "always" wakes it
+ * whatever it is doing (the settings changed).
  */
 void
-wake_worker_of_database(Oid dboid)
+wake_worker_of_database(Oid dboid, bool always)
 {
 	WorkerSlot *slot;
 
@@ -125,7 +126,12 @@ wake_worker_of_database(Oid dboid)
 		return;
 	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
 	slot = worker_slot_for_database(dboid);
-	if (slot != NULL && slot->latch != NULL)
+	/*
+	 * A worker without an endpoint, paused or waiting out a backoff would
+	 * only go back to sleep: don't make every EHR commit wake it.
+	 */
+	if (slot != NULL && slot->latch != NULL &&
+		(always || slot->state == WORKER_IDLE || slot->state == WORKER_RUNNING))
 		SetLatch(slot->latch);
 	LWLockRelease(portal_sync_shared->lock);
 }

@@ -51,7 +51,7 @@ portal_sync_settings_changed(PG_FUNCTION_ARGS)
 {
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		elog(ERROR, "portal_sync.settings_changed() must be called as a trigger");
-	outbox_note_queued();
+	outbox_note_settings_changed();
 	return PointerGetDatum(NULL);
 }
 

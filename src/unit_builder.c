@@ -662,6 +662,12 @@ serve_entry(UnitBuilder *builder, int entry_index)
 		return;
 	}
 
+	if (!patient->enrolled && source_rows->source->kind != SOURCE_INSURANCE)
+	{
+		consume_silently(entry);	/* only insurance flows before enrollment */
+		return;
+	}
+
 	if (patient->enrolled && !patient->chart_shareable)
 	{
 		if (!patient->purged)

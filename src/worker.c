@@ -44,6 +44,9 @@
 /* How often an idle worker looks at the outbox without being woken. */
 #define SWEEP_INTERVAL_MS			5000
 
+/* How long to gather commits after a wakeup before sending. */
+#define COMMIT_LINGER_US			2000
+
 /* How long to wait when the head of the outbox must wait. */
 #define BLOCKED_RETRY_MS			100
 
@@ -858,9 +861,18 @@ portal_sync_worker_main(Datum arg)
 							   PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 
-		/* woken by a commit: resync_all() may have queued work */
 		if (events & WL_LATCH_SET)
+		{
+			/* woken by a commit: resync_all() may have queued work */
 			delivery.resync_checked_at = 0;
+
+			/*
+			 * Linger a moment so that the commits of the next milliseconds
+			 * go in the same batch, instead of every commit costing the
+			 * EHR's CPUs a wakeup of this process.
+			 */
+			pg_usleep(COMMIT_LINGER_US);
+		}
 		CHECK_FOR_INTERRUPTS();
 
 		if (ConfigReloadPending)
