@@ -43,6 +43,9 @@
 
 PG_FUNCTION_INFO_V1(portal_sync_capture);
 
+/* Memory of one run of the trigger function; see portal_sync_capture. */
+static MemoryContext capture_context = NULL;
+
 /* Most keys in one outbox row. */
 #define KEYS_PER_OUTBOX_ROW		500
 
@@ -533,7 +536,6 @@ portal_sync_capture(PG_FUNCTION_ARGS)
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	Relation	rel;
 	SourceConfig *config;
-	MemoryContext capture_context;
 	MemoryContext oldcontext;
 	CaptureState state;
 	char		op;
@@ -576,9 +578,15 @@ portal_sync_capture(PG_FUNCTION_ARGS)
 	if (trigdata->tg_oldtable == NULL && trigdata->tg_newtable == NULL)
 		return PointerGetDatum(NULL);
 
-	capture_context = AllocSetContextCreate(CurrentMemoryContext,
-											"portal_sync capture",
-											ALLOCSET_DEFAULT_SIZES);
+	/*
+	 * One context for the whole backend, emptied after each statement: the
+	 * EHR's single-row statements should not pay for creating one.
+	 */
+	if (capture_context == NULL)
+		capture_context = AllocSetContextCreate(TopMemoryContext,
+												"portal_sync capture",
+												ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(capture_context);
 	oldcontext = MemoryContextSwitchTo(capture_context);
 
 	begin_capture(&state, config, op);
@@ -586,7 +594,7 @@ portal_sync_capture(PG_FUNCTION_ARGS)
 	end_capture(&state);
 
 	MemoryContextSwitchTo(oldcontext);
-	MemoryContextDelete(capture_context);
+	MemoryContextReset(capture_context);
 
 	return PointerGetDatum(NULL);
 }
