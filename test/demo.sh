@@ -57,38 +57,12 @@ die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run me as root (sudo bash test/demo.sh): packages and 'make install' need root; the servers run as postgres"
 
 # ---------------------------------------------------------------- packages
-install_packages() {
-	local missing=() p
-	for p in "${PACKAGES[@]}"; do
-		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-			missing+=("$p")
-		fi
-	done
-	if [ "${#missing[@]}" -eq 0 ]; then
-		echo "   all packages present"
-		return
-	fi
-	echo "   installing: ${missing[*]}"
-	# Keep package scripts from starting services (the Debian cluster
-	# 15/main): the demo starts its own server.  Only a policy-rc.d we
-	# created ourselves is removed afterwards.
-	local made_policy=0
-	if [ ! -e /usr/sbin/policy-rc.d ]; then
-		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-		chmod 755 /usr/sbin/policy-rc.d
-		made_policy=1
-	fi
-	local rc=0
-	{ apt-get update -q >"${TMPDIR:-/tmp}/portal_sync-demo-apt.log" 2>&1 &&
-	  apt-get install -y -q --no-install-recommends "${missing[@]}" \
-		>>"${TMPDIR:-/tmp}/portal_sync-demo-apt.log" 2>&1; } || rc=$?
-	[ "$made_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-	[ "$rc" -eq 0 ] || { tail -n 20 "${TMPDIR:-/tmp}/portal_sync-demo-apt.log" >&2; die "apt-get failed ($rc)"; }
-}
+# install_packages LOG PACKAGE...
+. "$(dirname "${BASH_SOURCE[0]}")/lib/packages.sh"
 
 say "packages"
 if [ "${PORTAL_SYNC_SKIP_PACKAGES:-0}" != 1 ]; then
-	install_packages
+	install_packages "${TMPDIR:-/tmp}/portal_sync-apt.log" "${PACKAGES[@]}"
 fi
 [ -x "$PG_CONFIG" ] || die "$PG_CONFIG not found (postgresql-server-dev-15)"
 [ -x "$PYTHON" ] || die "$PYTHON not found (python3)"

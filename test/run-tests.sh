@@ -43,37 +43,12 @@ die() { printf 'run-tests: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run me as root (sudo bash test/run-tests.sh): packages and 'make install' need root; the tests themselves run as postgres"
 
 # ---------------------------------------------------------------- packages
-install_packages() {
-	local missing=() p
-	for p in "${PACKAGES[@]}"; do
-		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-			missing+=("$p")
-		fi
-	done
-	if [ "${#missing[@]}" -eq 0 ]; then
-		echo "all packages present"
-		return
-	fi
-	echo "installing: ${missing[*]}"
-	# Keep package scripts from starting services (the Debian cluster 15/main,
-	# nginx on port 80): the tests start their own servers.  Only a
-	# policy-rc.d we created ourselves is removed afterwards.
-	local made_policy=0
-	if [ ! -e /usr/sbin/policy-rc.d ]; then
-		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-		chmod 755 /usr/sbin/policy-rc.d
-		made_policy=1
-	fi
-	local rc=0
-	{ apt-get update -q &&
-	  apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
-	[ "$made_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-	[ "$rc" -eq 0 ] || die "apt-get failed ($rc)"
-}
+# install_packages LOG PACKAGE...
+. "$(dirname "${BASH_SOURCE[0]}")/lib/packages.sh"
 
 if [ "${PORTAL_SYNC_SKIP_PACKAGES:-0}" != 1 ]; then
 	say "packages"
-	install_packages
+	install_packages "${TMPDIR:-/tmp}/portal_sync-apt.log" "${PACKAGES[@]}"
 fi
 [ -x "$PG_CONFIG" ] || die "$PG_CONFIG not found (postgresql-server-dev-15)"
 id postgres >/dev/null 2>&1 || die "no postgres user (postgresql-15 package)"
