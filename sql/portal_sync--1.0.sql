@@ -395,19 +395,25 @@ BEGIN
 							 WHERE a.attrelid = so.source AND a.attname = so.patient_col) AS patient_type
 			   FROM portal_sync.sources so ORDER BY so.name
 	LOOP
-		EXECUTE format('SELECT count(*) FILTER (WHERE %s), count(*) FILTER (WHERE %s),'
-					   ' count(*) FILTER (WHERE NOT COALESCE((%s), false))'
-					   ' FROM %s t WHERE t.%I = $1::%s',
-					   CASE WHEN src.date_col IS NULL THEN 'false'
-							ELSE format('$2 IS NOT NULL AND t.%I::date < $2', src.date_col) END,
-					   CASE WHEN src.privacy_col IS NULL THEN 'false'
-							ELSE format('COALESCE(t.%I, 0) > $3', src.privacy_col) END,
-					   COALESCE(src.share_when, 'true'),
-					   src.source, src.patient_col, src.patient_type)
-			INTO by_date, by_privacy, by_rule
-			USING p_id, s.date_cutoff, s.max_privacy_level;
-		RETURN QUERY SELECT 'withheld', by_date + by_privacy + by_rule = 0,
-			format('%s: %s by date, %s by privacy, %s by share_when', src.name, by_date, by_privacy, by_rule);
+		BEGIN
+			EXECUTE format('SELECT count(*) FILTER (WHERE %s), count(*) FILTER (WHERE %s),'
+						   ' count(*) FILTER (WHERE NOT COALESCE((%s), false))'
+						   ' FROM %s t WHERE t.%I = $1::%s',
+						   CASE WHEN src.date_col IS NULL THEN 'false'
+								ELSE format('$2 IS NOT NULL AND t.%I::date < $2', src.date_col) END,
+						   CASE WHEN src.privacy_col IS NULL THEN 'false'
+								ELSE format('COALESCE(t.%I, 0) > $3', src.privacy_col) END,
+						   COALESCE(src.share_when, 'true'),
+						   src.source, src.patient_col, src.patient_type)
+				INTO by_date, by_privacy, by_rule
+				USING p_id, s.date_cutoff, s.max_privacy_level;
+			RETURN QUERY SELECT 'withheld', by_date + by_privacy + by_rule = 0,
+				format('%s: %s by date, %s by privacy, %s by share_when', src.name, by_date, by_privacy, by_rule);
+		EXCEPTION WHEN OTHERS THEN
+			-- the message may quote a row: only its SQLSTATE is shown
+			RETURN QUERY SELECT 'withheld', false,
+				format('%s: the rules fail on a row of this patient (SQLSTATE %s)', src.name, SQLSTATE);
+		END;
 	END LOOP;
 
 	-- worker

@@ -99,12 +99,64 @@ portal_sync_resync_patient(PG_FUNCTION_ARGS)
 }
 
 /*
+ * Queue every insurance row of the patients who are not enrolled, so that
+ * resync_all() applies the rules to what they have on the portal too.
+ * The caller runs as the extension's owner, connected to SPI.
+ */
+static void
+resync_insurance_of_unenrolled(void)
+{
+	SPITupleTable *sources;
+	uint64		nsources;
+
+	if (SPI_execute("SELECT s.source_id, n.nspname, c.relname, pa.attname, ka.attname"
+					" FROM portal_sync.source s"
+					" JOIN pg_catalog.pg_class c ON c.oid = s.relid"
+					" JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+					" JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum"
+					" JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_attnum"
+					" WHERE s.kind = 'insurance'", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading portal_sync.source failed");
+	sources = SPI_tuptable;
+	nsources = SPI_processed;
+
+	seq_fence_claim(NULL);
+	for (uint64 i = 0; i < nsources; i++)
+	{
+		HeapTuple	tuple = sources->vals[i];
+		TupleDesc	desc = sources->tupdesc;
+		const char *patient = quote_identifier(SPI_getvalue(tuple, desc, 4));
+		const char *key = quote_identifier(SPI_getvalue(tuple, desc, 5));
+		Oid			types[1] = {INT4OID};
+		Datum		values[1] = {Int32GetDatum(pg_strtoint32(SPI_getvalue(tuple, desc, 1)))};
+		char	   *sql;
+
+		sql = psprintf("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+					   " SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+					   "        patient, $1, 'u', keys, pg_catalog.statement_timestamp()"
+					   " FROM (SELECT t.%s::pg_catalog.text AS patient,"
+					   "              pg_catalog.array_agg(t.%s::pg_catalog.text) AS keys"
+					   "       FROM %s t WHERE t.%s IS NOT NULL AND t.%s IS NOT NULL"
+					   "       AND NOT EXISTS (SELECT 1 FROM portal_sync.enrollment e"
+					   "                       WHERE e.patient_id = t.%s::pg_catalog.text)"
+					   "       GROUP BY 1) unenrolled",
+					   patient, key,
+					   quote_qualified_identifier(SPI_getvalue(tuple, desc, 2),
+												  SPI_getvalue(tuple, desc, 3)),
+					   patient, key, patient);
+		if (SPI_execute_with_args(sql, 1, types, values, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "queueing insurance for resync_all() failed");
+	}
+}
+
+/*
  * portal_sync.resync_all() RETURNS bigint
  *
  * Ask for a snapshot of every enrolled patient.  They go to the resync
  * queue, which the worker drains at portal_sync.resync_rate per second, so
- * that incremental updates keep flowing meanwhile.  Returns the number of
- * patients queued.
+ * that incremental updates keep flowing meanwhile.  The insurance rows of
+ * patients who are not enrolled are queued again at once.  Returns the
+ * number of enrolled patients queued.
  */
 Datum
 portal_sync_resync_all(PG_FUNCTION_ARGS)
@@ -120,7 +172,9 @@ portal_sync_resync_all(PG_FUNCTION_ARGS)
 					  "  RETURNING 1)"
 					  " SELECT pg_catalog.count(*) FROM queued",
 					  NULL);
+	resync_insurance_of_unenrolled();
 	end_as_owner(&owner);
+	outbox_note_queued();
 
 	if (queued > 0)
 		outbox_note_queued();

@@ -228,7 +228,12 @@ row_patient(CaptureState *state, TupleTableSlot *slot)
 			entry->hash_key = CStringGetDatum(entry->patient_id);
 		memset(&entry->changed, 0, sizeof(PendingKeys));
 		memset(&entry->moved_away, 0, sizeof(PendingKeys));
+		/*
+		 * Insurance flows for every patient, so a chart change matters for
+		 * every patient too: it can show or hide their insurance.
+		 */
 		entry->queued = config->kind == SOURCE_INSURANCE ||
+			config->kind == SOURCE_PATIENT ||
 			patient_is_enrolled(entry->patient_id);
 	}
 	return entry;

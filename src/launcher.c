@@ -56,6 +56,7 @@ typedef struct KnownDatabase
 	TimestampTz next_start_at;	/* earliest time to start a worker */
 	bool		seen;			/* still exists at the last scan */
 	bool		adopted;		/* started by an earlier launcher: no handle */
+	TimestampTz requested_at;	/* CREATE EXTENSION asked for a worker */
 } KnownDatabase;
 
 static HTAB *known_databases = NULL;
@@ -129,6 +130,7 @@ scan_databases(void)
 			known->slot_index = -1;
 			known->next_start_at = 0;
 			known->adopted = false;
+			known->requested_at = 0;
 		}
 		known->seen = true;
 	}
@@ -251,7 +253,13 @@ reap_worker(KnownDatabase *known)
 	int			delay = WORKER_RESTART_DELAY_MS;
 
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
-	if (slot->extension_missing)
+	/*
+	 * A worker may find no extension because the CREATE EXTENSION that
+	 * asked for it has not committed yet: for a minute after such a
+	 * request, try again soon.
+	 */
+	if (slot->extension_missing &&
+		now - known->requested_at > (TimestampTz) 60 * USECS_PER_SEC)
 		delay = EXTENSION_PROBE_INTERVAL_MS;
 	if (slot->paused_until > now)
 		delay = Max(delay, (int) ((slot->paused_until - now) / 1000));
@@ -284,6 +292,9 @@ supervise_workers(Oid requested)
 	while ((known = hash_seq_search(&status)) != NULL)
 	{
 		pid_t		pid;
+
+		if (known->dboid == requested)
+			known->requested_at = now;
 
 		if (known->handle != NULL &&
 			GetBackgroundWorkerPid(known->handle, &pid) == BGWH_STOPPED)

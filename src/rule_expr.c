@@ -30,7 +30,8 @@
 
 /*
  * Built-in functions that are not volatile and yet read the contents of
- * tables: a rule must not call them.
+ * tables, or settings (the worker evaluates rules as a superuser, who may
+ * read the token): a rule must not call them.
  */
 static const char *const table_reading_functions[] = {
 	"table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
@@ -38,6 +39,7 @@ static const char *const table_reading_functions[] = {
 	"database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
 	"cursor_to_xml", "cursor_to_xmlschema",
 	"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+	"current_setting",			/* would read portal_sync.auth_token */
 	NULL
 };
 

@@ -168,6 +168,10 @@ load_worker_sources(void)
 			psprintf("SELECT t.%s::pg_catalog.text, %s"
 					 " FROM %s t WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
 					 key_col, row_json, rel, patient_col, patient_type, shareable, key_col);
+		source->all_keys_sql =
+			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
+					 " WHERE t.%s = $3::pg_catalog.text::%s ORDER BY t.%s",
+					 key_col, rel, patient_col, patient_type, key_col);
 		source->shareable_keys_sql =
 			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
@@ -287,6 +291,16 @@ void
 read_snapshot_rows(WorkerSource *source, const char *patient_id)
 {
 	run_source_statement(source->snapshot_sql, TEXTOID, CStringGetTextDatum(patient_id));
+}
+
+/*
+ * Read the keys of all rows of a patient in a source; the caller walks
+ * SPI_tuptable (key) and frees it.
+ */
+void
+read_all_keys(WorkerSource *source, const char *patient_id)
+{
+	run_source_statement(source->all_keys_sql, TEXTOID, CStringGetTextDatum(patient_id));
 }
 
 /*

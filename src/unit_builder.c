@@ -100,6 +100,8 @@ typedef struct SnapshotHorizon
 
 static HTAB *snapshot_horizons = NULL;
 
+static void consume_silently(OutboxEntry *entry);
+
 /*
  * Read settings and the installation id; the caller is connected to SPI
  * and its memory context is where the strings go.
@@ -568,6 +570,56 @@ emit_purge(UnitBuilder *builder, int entry_index, PatientState *patient)
 }
 
 /*
+ * The chart of a patient who is not enrolled changed: only their insurance
+ * is on the portal, and it follows the chart.  Every insurance row of the
+ * patient is sent again: upserted if shareable now, deleted otherwise.
+ * The last event consumes the entry (or the entry goes silently).
+ */
+static void
+emit_insurance_of_patient(UnitBuilder *builder, int entry_index, PatientState *patient)
+{
+	OutboxEntry *entry = &builder->unit->entries[entry_index];
+	DeliveryEvent *last = NULL;
+	ListCell   *lc;
+
+	foreach(lc, builder->sources)
+	{
+		SourceRows *source_rows = lfirst(lc);
+		WorkerSource *source = source_rows->source;
+		SPITupleTable *tuptable;
+		char	  **keys;
+		int			nkeys;
+
+		if (source->kind != SOURCE_INSURANCE)
+			continue;
+		read_all_keys(source, entry->patient_id);
+		tuptable = SPI_tuptable;
+		nkeys = (int) SPI_processed;
+		keys = palloc(Max(nkeys, 1) * sizeof(char *));
+		for (int i = 0; i < nkeys; i++)
+			keys[i] = SPI_getvalue(tuptable->vals[i], tuptable->tupdesc, 1);
+		SPI_freetuptable(tuptable);
+		if (nkeys > 0)
+			read_rows_by_key(source, keys, nkeys, source_rows->rows);
+
+		for (int i = 0; i < nkeys; i++)
+		{
+			SourceRow  *row = string_map_find(source_rows->rows, keys[i]);
+			bool		upsert = row != NULL && row->shareable && patient->chart_shareable &&
+				strcmp(row->patient_id, entry->patient_id) == 0;
+
+			last = add_event(builder, entry, entry->seq, source, keys[i],
+							 upsert ? EVENT_UPSERT : EVENT_DELETE,
+							 upsert ? row->data_json : NULL);
+		}
+	}
+	if (last != NULL)
+		add_consumption(last, entry_index, -1);
+	else
+		consume_silently(entry);
+}
+
+/*
  * Mark an entry consumed without any event (nothing to tell the portal).
  */
 static void
@@ -662,6 +714,11 @@ serve_entry(UnitBuilder *builder, int entry_index)
 		return;
 	}
 
+	if (!patient->enrolled && source_rows->source->kind == SOURCE_PATIENT)
+	{
+		emit_insurance_of_patient(builder, entry_index, patient);
+		return;
+	}
 	if (!patient->enrolled && source_rows->source->kind != SOURCE_INSURANCE)
 	{
 		consume_silently(entry);	/* only insurance flows before enrollment */

@@ -179,8 +179,13 @@ snapshot_accepted(DeliveryEvent *end)
 	List	   *sources;
 	ListCell   *lc;
 
+	/*
+	 * Any accepted snapshot makes the patient ready, also one older than a
+	 * resync queued since: a C-CDA document waiting behind the newer
+	 * snapshot request would otherwise wait for it forever.
+	 */
 	execute_or_fail("UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
-					" purged = false WHERE patient_id = $1 AND COALESCE(snapshot_seq, 0) <= $2",
+					" purged = false WHERE patient_id = $1 AND $2 IS NOT NULL",
 					2, types, values, NULL, SPI_OK_UPDATE);
 
 	sources = load_worker_sources();

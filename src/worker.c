@@ -623,6 +623,8 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 		record_answer(delivery, batch, sent_at, status, false);
 		back_off(delivery, &result,
 				 psprintf("authentication failed: the portal answered HTTP %d", status), true);
+		/* the retry reads the rows again: they may have changed meanwhile */
+		forget_unit(delivery);
 	}
 	else if (status == 0 || status == 408 || status == 425 || status == 429 ||
 			 status >= 500 || status < 200 || (status >= 300 && status < 400))
@@ -633,6 +635,8 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 
 		record_answer(delivery, batch, sent_at, status, false);
 		back_off(delivery, &result, error, false);
+		/* the retry reads the rows again: they may have changed meanwhile */
+		forget_unit(delivery);
 	}
 	else if (batch->count == 1)
 	{
