@@ -453,7 +453,8 @@ load_unit_context(UnitBuilder *builder)
 		{
 			OutboxEntry *entry = &unit->entries[i];
 
-			if (entry->source_id != source_rows->source->source_id)
+			if (entry->source_id != source_rows->source->source_id ||
+				entry->nkeys <= 0)
 				continue;
 			if (nkeys + entry->nkeys > maxkeys)
 			{

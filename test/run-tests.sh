@@ -77,7 +77,7 @@ fi
 say "make installcheck (as postgres)"
 LOG="$BUILD_DIR/installcheck.log"
 rc=0
-runuser -u postgres -- make installcheck PG_CONFIG="$PG_CONFIG" 2>&1 | tee "$LOG" || rc=$?
+runuser -u postgres -- make installcheck PG_CONFIG="$PG_CONFIG" PROVE_FLAGS="${PROVE_FLAGS:--j3}" 2>&1 | tee "$LOG" || rc=$?
 
 # Count what ran: pg_regress tests and TAP test files.
 r_pass=0; r_fail=0; t_pass=0; t_fail=0

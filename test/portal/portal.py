@@ -548,6 +548,12 @@ class Handler(BaseHTTPRequestHandler):
     # -------------------------------------------------------------- delivery
     def delivery(self, raw):
         portal = self.server.portal
+        expected = int(self.headers.get('Content-Length') or 0)
+        if len(raw) < expected:
+            # The sender went away in the middle of the body (a killed
+            # worker): nothing was delivered, and there is nobody to answer.
+            self.close_connection = True
+            return None
         hdrs = {k: self.headers.get(k) for k in
                 ('Authorization', 'Idempotency-Key', 'User-Agent',
                  'Content-Type', 'Content-Length', 'Expect',
