@@ -58,6 +58,7 @@ typedef struct PatientState
 	bool		chart_shareable;
 	bool		blocked;		/* nothing more of this patient in the unit */
 	int			epoch;			/* snapshots and purges so far in the unit */
+	DeliveryEvent *last_event;	/* the patient's latest event in the unit */
 } PatientState;
 
 /* An item already sent in this unit, to coalesce later changes into. */
@@ -100,7 +101,7 @@ typedef struct SnapshotHorizon
 
 static HTAB *snapshot_horizons = NULL;
 
-static void consume_silently(OutboxEntry *entry);
+static void consume_silently(UnitBuilder *builder, int entry_index);
 
 /*
  * Read settings and the installation id; the caller is connected to SPI
@@ -498,6 +499,7 @@ add_event(UnitBuilder *builder, OutboxEntry *entry, int64 seq, WorkerSource *sou
 					entry->captured_at, data_json);
 	builder->unit->events = lappend(builder->unit->events, event);
 	builder->nevents++;
+	((PatientState *) string_map_find(builder->patients, entry->patient_id))->last_event = event;
 	return event;
 }
 
@@ -617,17 +619,29 @@ emit_insurance_of_patient(UnitBuilder *builder, int entry_index, PatientState *p
 	if (last != NULL)
 		add_consumption(last, entry_index, -1);
 	else
-		consume_silently(entry);
+		consume_silently(builder, entry_index);
 }
 
 /*
- * Mark an entry consumed without any event (nothing to tell the portal).
+ * An entry needs no event (nothing to tell the portal).  If the patient
+ * has an event earlier in the unit (a purge, say), the entry is consumed
+ * when that event is accepted: were the unit sent again after a failure,
+ * rebuilt from the rows as they are then, the entry may need an event
+ * after all.  Otherwise it is consumed at once.
  */
 static void
-consume_silently(OutboxEntry *entry)
+consume_silently(UnitBuilder *builder, int entry_index)
 {
-	entry->consumed = true;
-	entry->changed = true;
+	OutboxEntry *entry = &builder->unit->entries[entry_index];
+	PatientState *patient = string_map_find(builder->patients, entry->patient_id);
+
+	if (patient != NULL && patient->last_event != NULL)
+		add_consumption(patient->last_event, entry_index, -1);
+	else
+	{
+		entry->consumed = true;
+		entry->changed = true;
+	}
 }
 
 /*
@@ -701,7 +715,7 @@ serve_entry(UnitBuilder *builder, int entry_index)
 			if (patient->enrolled && !patient->purged)
 				emit_purge(builder, entry_index, patient);
 			else
-				consume_silently(entry);
+				consume_silently(builder, entry_index);
 		}
 		else
 			emit_snapshot(builder, entry_index, patient);
@@ -711,7 +725,7 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	source_rows = find_source(builder, entry->source_id);
 	if (source_rows == NULL)
 	{
-		consume_silently(entry);	/* detached since */
+		consume_silently(builder, entry_index);	/* detached since */
 		return;
 	}
 
@@ -722,7 +736,7 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	}
 	if (!patient->enrolled && source_rows->source->kind != SOURCE_INSURANCE)
 	{
-		consume_silently(entry);	/* only insurance flows before enrollment */
+		consume_silently(builder, entry_index);	/* only insurance flows before enrollment */
 		return;
 	}
 
@@ -731,7 +745,7 @@ serve_entry(UnitBuilder *builder, int entry_index)
 		if (!patient->purged)
 			emit_purge(builder, entry_index, patient);
 		else
-			consume_silently(entry);
+			consume_silently(builder, entry_index);
 		return;
 	}
 	if (patient->enrolled && patient->purged)
