@@ -790,6 +790,188 @@ sub ps_check_event_ids_stable
 }
 
 #########################################################################
+# Invariant checks of the fault, load and privacy tests (010..019).
+
+push @EXPORT, qw(ps_check_sent_shareable ps_check_accepted_once
+  ps_check_settled ps_nreq);
+
+# Number of requests the portal has seen so far (a mark for since =>).
+sub ps_nreq
+{
+	my ($portal) = @_;
+	return scalar @{ $portal->requests };
+}
+
+=pod
+
+=head2 ps_check_sent_shareable(node, db, portal, since, name, [practice => id])
+
+"Nothing withheld ever received": every upsert the portal received
+(whatever it answered) in the requests from number since on was of an item
+shareable in the database as it is now, and carried the row as it is now.
+
+Valid when the database did not change since the first of those requests
+was sent: the tests make each change in one transaction, wait until the
+outbox is drained, and check, so "now" is the state at send time.  Returns
+true if both hold.
+
+=cut
+
+sub ps_check_sent_shareable
+{
+	my ($node, $db, $portal, $since, $name, %opt) = @_;
+	$db //= 'postgres';
+	my $practice = $opt{practice}
+	  // $node->safe_psql($db, 'SELECT practice_id FROM portal_sync.settings');
+	my $reqs = $portal->requests(since => $since, full => 1);
+	my $exp = ps_expected_items($node, $db);
+	my (@withheld, %batches, $n);
+	for my $r (@$reqs)
+	{
+		next if ($r->{practice_id} // '') ne $practice;
+		for my $ev (@{ $r->{events} || [] })
+		{
+			next unless ($ev->{op} // '') eq 'upsert';
+			$n++;
+			my ($p, $s, $k) = ($ev->{patient_id}, $ev->{source}, $ev->{key});
+			push @withheld, "request $r->{n} ($r->{status}): $p/$s/$k seq $ev->{seq}"
+			  unless $exp->{$p}{$s}{$k};
+			# Each key once per batch of the mismatch query.
+			my $list = $batches{$s} //= [];
+			my ($b) = grep { !exists $_->{$k} } @$list;
+			push @$list, ($b = {}) unless $b;
+			$b->{$k} = $ev->{data};
+		}
+	}
+	my $ok = ok(!@withheld,
+		"$name: no upsert of an item not shareable when sent ("
+		  . ($n // 0) . ' upserts checked)');
+	diag('withheld items received by the portal: '
+		  . join('; ', @withheld[ 0 .. ($#withheld > 20 ? 20 : $#withheld) ]))
+	  unless $ok;
+	my @bad;
+	for my $s (sort keys %batches)
+	{
+		for my $b (@{ $batches{$s} })
+		{
+			my $j = $JSON->encode($b);
+			my $tag = '$pj' . int(rand(1e9)) . '$';
+			my $rows = ps_sql_json($node, $db,
+				"SELECT * FROM pstest.mismatched('$s', ${tag}${j}${tag}::jsonb)");
+			push @bad, map { "$s/$_->{key}: $_->{problem}" } @$rows;
+		}
+	}
+	my $ok2 = ok(!@bad, "$name: every upsert carried the row as it was when sent");
+	diag('sent data differs: ' . join('; ', @bad[ 0 .. ($#bad > 20 ? 20 : $#bad) ]))
+	  unless $ok2;
+	return $ok && $ok2;
+}
+
+=pod
+
+=head2 ps_check_accepted_once(portal, name, [resends => 1], [since => n])
+
+The portal holds every accepted event_id once (its dedupe).  Unless
+resends (worker crashes, timeouts of requests the portal applied, standby
+promotion), no event_id was accepted by two requests either: a batch the
+worker heard accepted is never sent again (checked for the requests from
+number since on).
+
+=cut
+
+sub ps_check_accepted_once
+{
+	my ($portal, $name, %opt) = @_;
+	my $since = $opt{since} // 0;
+	my $state = $opt{state} // $portal->state;
+	my (%seen, @twice);
+	for my $ev (@{ ps_accepted_events($opt{requests} // $portal->requests) })
+	{
+		push @twice, "$ev->{event_id} (request $ev->{request})"
+		  if $seen{ $ev->{event_id} }++ && $ev->{request} >= $since;
+	}
+	my $distinct = scalar keys %seen;
+	my $ok = is($state->{applied_event_ids}, $distinct,
+		"$name: the portal applied each accepted event_id once");
+	unless ($opt{resends})
+	{
+		$ok &= ok(!@twice, "$name: no event_id accepted twice")
+		  or diag(scalar(@twice) . ' event_ids accepted again, e.g. '
+			  . join(' ', @twice[ 0 .. ($#twice > 5 ? 5 : $#twice) ]));
+	}
+	else
+	{
+		note("$name: " . scalar(@twice) . ' event_ids accepted again (resends after crashes or timeouts; deduped)');
+	}
+	return $ok;
+}
+
+=pod
+
+=head2 ps_check_settled(node, db, portal, name, [since => n], [timeout => s], [exclude => [...]], [resends => 1], [dead_letters => n])
+
+The invariant check every fault test ends with: waits until drained, then
+the portal's state equals the shareable state (ps_compare_state), its
+invariants hold, event ids are stable, order holds, C-CDA waited for the
+snapshot, each event_id accepted once, nothing dead-lettered (or the given
+number), and, with since, no withheld item was received since that
+request (ps_check_sent_shareable).
+
+=cut
+
+sub ps_check_settled
+{
+	my ($node, $db, $portal, $name, %opt) = @_;
+	$db //= 'postgres';
+	my $ok = ok(ps_wait_drained($node, $db, $opt{timeout}), "$name: drained");
+	my $reqs = $portal->requests;
+	my $state = $portal->state;
+	$ok &= ps_compare_state($node, $db, $portal, $name,
+		$opt{exclude} ? (exclude => $opt{exclude}) : ());
+	$ok &= ps_check_portal_invariants($portal, $name, $state);
+	$ok &= ps_check_event_ids_stable($reqs, $name);
+	$ok &= ps_check_send_order($reqs, $name);
+	$ok &= ps_check_ccda_after_snapshot($reqs, $name);
+	$ok &= ps_check_accepted_once($portal, $name, resends => $opt{resends}, since => $opt{since},
+		requests => $reqs, state => $state);
+	$ok &= ps_check_sent_shareable($node, $db, $portal, $opt{since}, $name)
+	  if defined $opt{since};
+	my $dl = ps_dead_letters($node, $db);
+	$ok &= is(scalar @$dl, $opt{dead_letters} // 0, "$name: dead letters")
+	  or diag(explain $dl);
+	return $ok;
+}
+
+=pod
+
+=head2 ps_diag_stuck(node, db)
+
+Diags what may hold delivery back: the outbox, the resync queue, the
+patients concerned, open transactions and ungranted locks.
+
+=cut
+
+push @EXPORT, qw(ps_diag_stuck);
+
+sub ps_diag_stuck
+{
+	my ($node, $db) = @_;
+	$db //= 'postgres';
+	for my $q (
+		q{SELECT seq, patient_id, source_id, op, keys, captured_at FROM portal_sync.outbox ORDER BY seq LIMIT 20},
+		q{SELECT * FROM portal_sync.resync_queue LIMIT 20},
+		q{SELECT * FROM portal_sync.enrollment WHERE patient_id IN (SELECT patient_id FROM portal_sync.outbox UNION SELECT patient_id FROM portal_sync.resync_queue)},
+		q{SELECT pid, backend_type, state, xact_start, backend_xid, backend_xmin, wait_event_type, wait_event, left(query, 80) AS query FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND (backend_type = 'portal_sync worker' OR xact_start IS NOT NULL)},
+		q{SELECT locktype, relation::regclass, mode, pid FROM pg_locks WHERE NOT granted},
+		q{SELECT * FROM portal_sync.status})
+	{
+		my ($r, $o, $e) = $node->psql($db, "SELECT coalesce(json_agg(x), '[]') FROM ($q) x");
+		diag("$q\n  => $o$e");
+	}
+	return;
+}
+
+#########################################################################
 
 package PortalSyncTest::Portal;
 
