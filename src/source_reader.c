@@ -172,10 +172,6 @@ load_worker_sources(void)
 			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s ORDER BY t.%s",
 					 key_col, rel, patient_col, patient_type, key_col);
-		source->shareable_keys_sql =
-			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
-					 " WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
-					 key_col, rel, patient_col, patient_type, shareable, key_col);
 		if (source->kind == SOURCE_PATIENT)
 			source->chart_sql =
 				psprintf("SELECT t.%s::pg_catalog.text, %s FROM %s t"
@@ -303,12 +299,3 @@ read_all_keys(WorkerSource *source, const char *patient_id)
 	run_source_statement(source->all_keys_sql, TEXTOID, CStringGetTextDatum(patient_id));
 }
 
-/*
- * Read the keys of the shareable rows of a patient in a source; the
- * caller walks SPI_tuptable (key) and frees it.
- */
-void
-read_shareable_keys(WorkerSource *source, const char *patient_id)
-{
-	run_source_statement(source->shareable_keys_sql, TEXTOID, CStringGetTextDatum(patient_id));
-}

@@ -24,7 +24,6 @@ typedef struct WorkerSource
 	char	   *name;
 	char	   *rows_by_key_sql;
 	char	   *snapshot_sql;
-	char	   *shareable_keys_sql;
 	char	   *all_keys_sql;
 	char	   *chart_sql;		/* kind patient only */
 } WorkerSource;
@@ -52,7 +51,6 @@ extern void set_sharing_parameters(const char *date_cutoff, int32 max_privacy_le
 extern void read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows);
 extern void read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *charts);
 extern void read_snapshot_rows(WorkerSource *source, const char *patient_id);
-extern void read_shareable_keys(WorkerSource *source, const char *patient_id);
 extern void read_all_keys(WorkerSource *source, const char *patient_id);
 
 #endif							/* PORTAL_SYNC_SOURCE_READER_H */

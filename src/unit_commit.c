@@ -169,7 +169,7 @@ insert_dead_letter(DeliveryEvent *event)
 
 /*
  * After a patient's snapshot was accepted: record it, and queue the
- * patient's shareable C-CDA documents, which are sent only now.
+ * patient's C-CDA documents, which are sent (or deleted) only now.
  */
 static void
 snapshot_accepted(DeliveryEvent *end)
@@ -199,7 +199,12 @@ snapshot_accepted(DeliveryEvent *end)
 
 		if (source->kind != SOURCE_CCDA)
 			continue;
-		read_shareable_keys(source, end->patient_id);
+		/*
+		 * All of them: a snapshot never mentions C-CDA documents, so the
+		 * portal keeps the ones it has; a document that is no longer
+		 * shareable (settings changed, privacy raised) must go as a delete.
+		 */
+		read_all_keys(source, end->patient_id);
 		nkeys = (int) SPI_processed;
 		if (nkeys == 0)
 			continue;
