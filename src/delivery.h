@@ -82,7 +82,6 @@ typedef struct DeliveryUnit
 	int			nentries;
 	OutboxEntry *entries;
 	List	   *events;			/* of DeliveryEvent *, in sending order */
-	int			next_event;		/* first event not yet resolved */
 	bool		blocked;		/* some patient waits on something */
 	bool		more_pending;	/* the outbox had more than was read */
 	bool		snapshot_accepted;	/* a snapshot_end was accepted */
