@@ -11,12 +11,15 @@
 # 3. builds there as `postgres`, installs as root (`make install`);
 # 4. runs `make installcheck` as `postgres`: the pg_regress tests in sql/
 #    against a temporary instance with shared_preload_libraries set
-#    (test/regress.conf), then the TAP tests in test/t/ if there are any.
+#    (test/regress.conf), then the TAP tests in test/t/ if there are any;
+# 5. runs test/memory-safety.sh: static analysis, fuzzing, the suite again
+#    under AddressSanitizer + UBSan, and the worker leak check.
 #
 # Exit code 0 only if everything passed.  On failure regression.diffs (and
 # the TAP logs) are printed and copied back into the checkout.
 #
 # Environment:
+#   PORTAL_SYNC_MEMORY_CHECKS set to 0 to skip step 5 (a quick local run)
 #   PG_CONFIG                 default /usr/lib/postgresql/15/bin/pg_config
 #   PORTAL_SYNC_BUILD_DIR     default /var/tmp/portal_sync-build
 #   PORTAL_SYNC_SKIP_PACKAGES set to 1 to skip the package check
@@ -122,4 +125,14 @@ fi
 echo
 echo "pg_regress: $r_pass passed, $r_fail failed; TAP files: $t_pass passed, $t_fail failed"
 echo "portal_sync: $((r_pass + t_pass)) passed, $((r_fail + t_fail)) failed"
+
+# ---------------------------------------------------------------- memory safety
+# Static analysis, fuzzing, the sanitized suite and the worker leak check
+# (test/memory-safety.sh; about 25 minutes on 2 cores).  Skipped when the
+# suite failed, or with PORTAL_SYNC_MEMORY_CHECKS=0 for a quick local run.
+if [ "$rc" -eq 0 ] && [ "${PORTAL_SYNC_MEMORY_CHECKS:-1}" != 0 ]; then
+	say "memory safety (test/memory-safety.sh)"
+	bash "$SRC_DIR/test/memory-safety.sh" || rc=$?
+	[ "$rc" -eq 0 ] && echo "memory safety: all checks passed" || echo "memory safety: FAILED"
+fi
 exit "$rc"

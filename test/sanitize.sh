@@ -13,9 +13,11 @@
 #  * The extension is built with gcc -fsanitize=address,undefined
 #    -fno-sanitize-recover=all and installed into that copy only: the
 #    system's portal_sync.so is never replaced.
-#  * The sanitizer runtimes come with the instrumented .so (not LD_PRELOAD:
-#    see "Sanitizer options" below for why); perl, psql, python, pg_regress
-#    and the server binary itself stay uninstrumented.
+#  * The server runs with libasan preloaded (LD_PRELOAD, through a wrapper
+#    in place of the copy's postgres binary; a patched copy of
+#    libgpg-error makes that possible, see "Sanitizer runtime" below), so
+#    ASan owns malloc/free of the whole server; perl, psql, python and
+#    pg_regress stay uninstrumented.
 #  * ASAN_OPTIONS/UBSAN_OPTIONS have log_path under $SANITIZE_DIR/logs;
 #    leak detection is off for the server (postgres leaks by design at exit;
 #    see test/leakcheck.sh for the worker's memory).  Any file there after
@@ -26,6 +28,7 @@
 #   SANITIZE_DIR       work directory (default /var/tmp/portal_sync-asan)
 #   SANITIZE_TESTS     "all" (default), "regress" (pg_regress only) or a
 #                      space-separated list of TAP files (test/t/005_crashes.pl ...)
+#   SANITIZE_PROVE_FLAGS  prove flags (default -j3: three TAP files at a time)
 #   SANITIZE_KEEP=1    keep the work directory on success
 set -euo pipefail
 
@@ -72,23 +75,65 @@ PRIV_CONFIG="$WORK/pg$BINDIR/pg_config"
 [ "$("$PRIV_CONFIG" --pkglibdir)" = "$WORK/pg$PKGLIB/lib" ] ||
 	die "the copied pg_config does not relocate ($("$PRIV_CONFIG" --pkglibdir))"
 
-# Sanitizer options.  The runtime is NOT preloaded: with libasan in
-# LD_PRELOAD, Debian's postgres (and initdb) hang before main() --
-# libgpg-error's constructor (postgres -> libldap -> libgnutls/libgcrypt ->
-# libgpg-error) calls bindtextdomain(), whose first malloc initializes ASan
-# lazily while glibc's _nl_state_lock is held, and that rwlock is never
-# released (same hang with gcc's libasan and clang's libclang_rt.asan; cf.
-# llvm-project#49223, google/sanitizers#1270).  Instead libasan/libubsan are
-# DT_NEEDED by the instrumented portal_sync.so and start when the postmaster
-# loads it (shared_preload_libraries: before shared memory is mapped);
-# verify_asan_link_order=0 allows that.  Consequence: malloc/free are not
-# interposed (libc's allocator stays), so ASan checks the instrumented
-# code's stack and global accesses; UBSan checks are complete.  The options
-# are in the environment of the whole run (pg_ctl passes it on to every
-# server, also on `pg_ctl restart`); only processes that load the
-# instrumented .so read them.  See docs/memory-safety.md.
-export ASAN_OPTIONS="verify_asan_link_order=0:detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$WORK/logs/asan"
+# Sanitizer runtime, preloaded into every server process.
+#
+# LD_PRELOAD=libasan.so alone hangs Debian's postgres and initdb before
+# main(): libgpg-error's constructor (postgres -> libldap -> gnutls ->
+# libgcrypt -> libgpg-error) runs before libasan's own, calls
+# bindtextdomain(), and the malloc() inside it initializes ASan lazily while
+# glibc's _nl_state_lock is write-locked; the lock word is left corrupted
+# and the next bindtextdomain() (postgres's own, in main) waits forever.
+# The fix: a private copy of libgpg-error.so.0 with libasan.so added to its
+# DT_NEEDED (patchelf), found first through LD_LIBRARY_PATH, so the dynamic
+# linker initializes ASan before libgpg-error's constructor runs.  With
+# libasan in LD_PRELOAD, malloc/free/memcpy/str* of the whole server are
+# ASan's: heap red zones, use-after-free and double free are checked for
+# every malloc'd block (libcurl's and json-c's buffers that the extension
+# reads or writes, its own malloc'd curl lists).  palloc'd chunks are
+# carved out of big malloc'd blocks by PostgreSQL's allocator, so an
+# overflow inside a block stays invisible to ASan (PostgreSQL only marks
+# them for Valgrind); see docs/memory-safety.md.
+#
+# Only the server is preloaded: $WORK/pg$BINDIR/postgres is a wrapper
+# script that sets LD_PRELOAD/LD_LIBRARY_PATH and execs the real binary
+# (postgres.real) under its own name, so initdb, pg_ctl and the TAP nodes,
+# which all find "postgres" next to themselves, start sanitized servers,
+# while perl, psql, python and pg_regress stay unsanitized.
+#
+# Options: leak detection is off for the server (postgres does not free
+# at exit, by design; test/leakcheck.sh measures the worker's memory);
+# the first report aborts the process, and reports go to $WORK/logs.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0:log_path=$WORK/logs/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1:log_path=$WORK/logs/ubsan"
+
+say "sanitizer runtime preloaded into the copy's postgres"
+ASAN_LIB=$(readlink -f "$ASAN_RT")                     # .../libasan.so.8.0.0
+GPG_ERROR=$(ldconfig -p | awk '$1 == "libgpg-error.so.0" && /x86-64/ { print $NF; exit }')
+[ -n "$GPG_ERROR" ] || die "libgpg-error.so.0 not found (ldconfig -p)"
+command -v patchelf >/dev/null || die "patchelf missing: apt-get install patchelf"
+mkdir -p "$WORK/preload"
+cp "$GPG_ERROR" "$WORK/preload/libgpg-error.so.0"
+patchelf --add-needed "$(basename "$(readlink "$ASAN_RT")")" "$WORK/preload/libgpg-error.so.0"
+mv "$WORK/pg$BINDIR/postgres" "$WORK/pg$BINDIR/postgres.real"
+cat > "$WORK/pg$BINDIR/postgres" <<EOF
+#!/bin/bash
+# generated by test/sanitize.sh: the server with ASan preloaded
+export LD_LIBRARY_PATH="$WORK/preload\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LD_PRELOAD="$ASAN_LIB"
+export ASAN_OPTIONS="$ASAN_OPTIONS"
+export UBSAN_OPTIONS="$UBSAN_OPTIONS"
+exec -a "\$0" "$WORK/pg$BINDIR/postgres.real" "\$@"
+EOF
+chmod 755 "$WORK/pg$BINDIR/postgres"
+timeout 30 "$WORK/pg$BINDIR/postgres" --version >/dev/null ||
+	die "the preloaded postgres does not start (see the libgpg-error note above)"
+# ASan's "help" option makes the runtime list its flags at start-up: proof
+# that the server process itself runs under ASan (LD_PRELOAD took effect).
+plain=$(timeout 30 env ASAN_OPTIONS=help=1 "$WORK/pg$BINDIR/postgres.real" --version 2>&1 || true)
+preloaded=$(timeout 30 env LD_LIBRARY_PATH="$WORK/preload" LD_PRELOAD="$ASAN_LIB" ASAN_OPTIONS=help=1 \
+	"$WORK/pg$BINDIR/postgres.real" --version 2>&1 || true)
+case "$plain" in *'Available flags for AddressSanitizer'*) die "postgres.real alone must not be instrumented" ;; esac
+case "$preloaded" in *'Available flags for AddressSanitizer'*) ;; *) die "ASan does not start in the preloaded postgres" ;; esac
 
 say "sanitized build ($CC -fsanitize=address,undefined)"
 mkdir -p "$WORK/build"
@@ -123,7 +168,7 @@ build_end=$(date +%s)
 
 say "make installcheck against the sanitized server ($TESTS)"
 rc=0
-args=(PG_CONFIG="$PRIV_CONFIG" with_llvm=no)
+args=(PG_CONFIG="$PRIV_CONFIG" with_llvm=no PROVE_FLAGS="${SANITIZE_PROVE_FLAGS:--j3}")
 case "$TESTS" in
 	all) ;;
 	regress) args+=(TAP_TESTS=) ;;
