@@ -13,6 +13,11 @@
  * dead-lettered.  Any error ends the process; the launcher starts it again
  * a second later and everything resumes from the tables.
  *
+ * Each step runs in a memory context that is reset after it, so that
+ * nothing a step allocates for its own use (an error message, the
+ * portal's answer, its "rejected" list) outlives it.  The unit being sent
+ * lasts several steps and has a context of its own.
+ *
  * Copyright (c) 2026, portal_sync developers
  *
  *-------------------------------------------------------------------------
@@ -84,6 +89,12 @@ typedef struct DeliveryState
 
 static WorkerSlot *my_slot = NULL;
 static pg_prng_state backoff_prng;
+
+/* Memory of one step of work; reset after each step. */
+static MemoryContext step_context = NULL;
+
+/* The memory context of begin_work's caller, where end_work returns. */
+static MemoryContext work_caller_context = NULL;
 
 /*
  * This worker's slot.
@@ -168,6 +179,7 @@ worker_detach(int code, Datum arg)
 static void
 begin_work(const char *activity)
 {
+	work_caller_context = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -178,7 +190,9 @@ begin_work(const char *activity)
 
 /*
  * Commit the short transaction and report our statistics, so that
- * autovacuum sees the outbox churn.
+ * autovacuum sees the outbox churn.  The caller is back in the memory
+ * context it called begin_work in (a commit leaves TopMemoryContext
+ * current, where whatever the caller allocated next would never be freed).
  */
 static void
 end_work(void)
@@ -186,6 +200,7 @@ end_work(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(work_caller_context);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
@@ -365,7 +380,12 @@ start_next_unit(DeliveryState *delivery, bool *blocked)
 	DeliveryUnit *unit;
 
 	*blocked = false;
-	context = AllocSetContextCreate(TopMemoryContext, "portal_sync unit",
+
+	/*
+	 * The unit's context belongs to the step until the unit is built: an
+	 * error while building it frees it with the step's memory.
+	 */
+	context = AllocSetContextCreate(CurrentMemoryContext, "portal_sync unit",
 									ALLOCSET_DEFAULT_SIZES);
 
 	begin_work("portal_sync: reading the outbox");
@@ -387,7 +407,8 @@ start_next_unit(DeliveryState *delivery, bool *blocked)
 	record_silent_consumption(unit);
 	end_work();
 
-	/* settings strings live in the unit's context */
+	/* settings strings live in the unit's context, which outlives the step */
+	MemoryContextSetParent(context, TopMemoryContext);
 	delivery->unit = unit;
 	delivery->cursor = 0;
 	*blocked = unit->blocked;
@@ -456,13 +477,15 @@ next_batch(DeliveryState *delivery)
 
 /*
  * Split a batch the portal refused as a whole into two halves, the first
- * to be sent first.
+ * to be sent first.  The split stack lives in the unit's context, like the
+ * batches on it: it lasts as long as the unit, and goes with it.
  */
 static void
 split_batch(DeliveryState *delivery, Batch *batch)
 {
-	Batch	   *first = MemoryContextAllocZero(delivery->unit->context, sizeof(Batch));
-	Batch	   *second = MemoryContextAllocZero(delivery->unit->context, sizeof(Batch));
+	MemoryContext oldcontext = MemoryContextSwitchTo(delivery->unit->context);
+	Batch	   *first = palloc0(sizeof(Batch));
+	Batch	   *second = palloc0(sizeof(Batch));
 
 	first->first = batch->first;
 	first->count = batch->count / 2;
@@ -470,6 +493,7 @@ split_batch(DeliveryState *delivery, Batch *batch)
 	second->count = batch->count - first->count;
 	delivery->split_stack = lappend(delivery->split_stack, second);
 	delivery->split_stack = lappend(delivery->split_stack, first);
+	MemoryContextSwitchTo(oldcontext);
 }
 
 /*
@@ -761,6 +785,8 @@ guarded_delivery_step(DeliveryState *delivery)
 		FlushErrorState();
 		if (IsTransactionState() || IsAbortedTransactionBlockState())
 			AbortCurrentTransaction();
+		/* an abort leaves TopMemoryContext current */
+		MemoryContextSwitchTo(context);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		if (error->sqlerrcode == ERRCODE_QUERY_CANCELED ||
@@ -853,6 +879,8 @@ portal_sync_worker_main(Datum arg)
 	forget_snapshot_horizons();
 	http_init();
 	(void) load_token(&delivery);
+	step_context = AllocSetContextCreate(TopMemoryContext, "portal_sync step",
+										 ALLOCSET_DEFAULT_SIZES);
 
 	for (;;)
 	{
@@ -892,6 +920,9 @@ portal_sync_worker_main(Datum arg)
 			delivery.next_attempt_at = 0;
 		}
 
+		MemoryContextSwitchTo(step_context);
 		sleep_ms = guarded_delivery_step(&delivery);
+		MemoryContextSwitchTo(TopMemoryContext);
+		MemoryContextReset(step_context);
 	}
 }

@@ -23,7 +23,7 @@
 #   RULE_FUZZ_CASES, LEAKCHECK_EVENTS (passed on), PORTAL_SYNC_SKIP_PACKAGES=1.
 set -uo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DEBIAN_FRONTEND=noninteractive
 export SANITIZE_DIR=${SANITIZE_DIR:-/var/tmp/portal_sync-asan}
 BINDIR=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
@@ -36,12 +36,24 @@ die() { printf 'memory-safety: %s\n' "$*" >&2; exit 1; }
 # cppcheck/clang-tidy for the analysis, clang + compiler-rt for libFuzzer,
 # patchelf for the preloaded sanitizer runtime (see test/sanitize.sh).
 if [ "${PORTAL_SYNC_SKIP_PACKAGES:-0}" != 1 ]; then
-	. "$HERE/lib/packages.sh"
+	. "$SRC_DIR/test/lib/packages.sh"
 	say "packages"
 	install_packages "${TMPDIR:-/tmp}/portal_sync-apt-memory.log" \
 		cppcheck clang-tidy clang-14 libclang-rt-14-dev patchelf gcc make pkg-config \
 		postgresql-server-dev-15 libcurl4-openssl-dev libjson-c-dev python3
 fi
+
+# The checks run from a copy of the tree readable by postgres (the fuzzers
+# and the servers run as postgres; the checkout may sit in root's home).
+COPY=/var/tmp/portal_sync-memory-safety
+rm -rf "$COPY"
+mkdir -p "$COPY"
+tar -C "$SRC_DIR" -cf - \
+	--exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
+	--exclude=./results --exclude=./tmp_check --exclude=./log . |
+	tar -C "$COPY" -xf -
+chown -R postgres: "$COPY"
+HERE="$COPY/test"
 
 declare -a NAMES RESULTS TIMES
 overall=0
@@ -88,7 +100,7 @@ run_check "fuzzing" runuser -u postgres -- env FUZZ_DIR="$fuzz_dir" \
 run_check "sanitizers" env SANITIZE_KEEP=1 bash "$HERE/sanitize.sh"
 run_check "rule fuzzing" rule_fuzz_on_sanitized_server
 run_check "leak check" bash "$HERE/leakcheck.sh"
-rm -rf "$SANITIZE_DIR"
+rm -rf "$SANITIZE_DIR" "$COPY"
 
 say "summary"
 for i in "${!NAMES[@]}"; do

@@ -23,7 +23,6 @@
 set -euo pipefail
 
 SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 MINUTES=10
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -33,27 +32,14 @@ while [ $# -gt 0 ]; do
 		*) echo "soak: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
-BINDIR=$("$PG_CONFIG" --bindir)
-PGXS_PERL=$(dirname "$("$PG_CONFIG" --pgxs)")/../../src/test/perl
-[ -d "$PGXS_PERL" ] || { echo "soak: $PGXS_PERL missing (postgresql-server-dev-15)" >&2; exit 1; }
-[ -f "$("$PG_CONFIG" --pkglibdir)/portal_sync.so" ] || { echo "soak: portal_sync not installed (make install)" >&2; exit 1; }
-
-WORK=$(mktemp -d /tmp/portal_sync-soak.XXXXXX)
-chmod 755 "$WORK"
-cp -r "$SRC_DIR/test" "$WORK/test"
-if [ "$(id -u)" -eq 0 ]; then
-	chown -R postgres: "$WORK"
-	as_pg() { runuser -u postgres -- "$@"; }
-else
-	as_pg() { "$@"; }
-fi
+. "$SRC_DIR/test/lib/tap_script.sh"
+tap_script_init soak
 echo "soak: $MINUTES minutes; work directory $WORK"
-cd "$WORK"
 rc=0
-as_pg env PATH="$BINDIR:$PATH" TESTDIR="$WORK" PG_REGRESS="$(dirname "$("$PG_CONFIG" --pgxs)")/../../src/test/regress/pg_regress" \
+tap_script_run \
 	SOAK_MINUTES="$MINUTES" SOAK_RATE="${SOAK_RATE:-150}" SOAK_CLIENTS="${SOAK_CLIENTS:-4}" \
 	SOAK_PATIENTS="${SOAK_PATIENTS:-300}" SOAK_FULL_CHECKS="${SOAK_FULL_CHECKS:-}" PORTAL_SYNC_TEST_WAIT=600 \
-	perl -I "$PGXS_PERL" -I "$WORK/test/lib" - <<'PERL' || rc=$?
+	<<'PERL' || rc=$?
 use strict;
 use warnings;
 use PortalSyncTest;
