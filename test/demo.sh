@@ -76,17 +76,12 @@ as_pg() { runuser -u postgres -- "$@"; }
 # objects in it, and git keeps working).  tar keeps modification times, so
 # make rebuilds only what changed since the last demo.
 say "build and install portal_sync ($BUILD_DIR)"
-mkdir -p "$BUILD_DIR"
-tar -C "$SRC_DIR" -cf - \
-	--exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
-	--exclude=./results --exclude=./tmp_check --exclude=./tmp_check_log \
-	--exclude=./log --exclude=./regression.diffs --exclude=./regression.out . |
-	tar -C "$BUILD_DIR" -xf -
+. "$SRC_DIR/test/lib/source_tree.sh"
+copy_source_tree "$SRC_DIR" "$BUILD_DIR" postgres:postgres
 for f in "$BUILD_DIR"/src/*.c; do		# sources removed from the tree
 	[ -e "$f" ] || continue
 	[ -e "$SRC_DIR/src/$(basename "$f")" ] || rm -f "$f" "${f%.c}.o" "${f%.c}.bc"
 done
-chown -R postgres:postgres "$BUILD_DIR"
 if ! (cd "$BUILD_DIR" && as_pg make -j"$JOBS" PG_CONFIG="$PG_CONFIG") >"$BUILD_DIR/build.log" 2>&1; then
 	tail -n 30 "$BUILD_DIR/build.log" >&2
 	die "build failed (log: $BUILD_DIR/build.log)"

@@ -47,12 +47,8 @@ fi
 # and the servers run as postgres; the checkout may sit in root's home).
 COPY=/var/tmp/portal_sync-memory-safety
 rm -rf "$COPY"
-mkdir -p "$COPY"
-tar -C "$SRC_DIR" -cf - \
-	--exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
-	--exclude=./results --exclude=./tmp_check --exclude=./log . |
-	tar -C "$COPY" -xf -
-chown -R postgres: "$COPY"
+. "$SRC_DIR/test/lib/source_tree.sh"
+copy_source_tree "$SRC_DIR" "$COPY" postgres:
 HERE="$COPY/test"
 
 declare -a NAMES RESULTS TIMES

@@ -59,14 +59,8 @@ id postgres >/dev/null 2>&1 || die "no postgres user (postgresql-15 package)"
 # ---------------------------------------------------------------- build
 say "build in $BUILD_DIR"
 rm -rf "$BUILD_DIR"
-mkdir -p "$BUILD_DIR"
-# Copy the sources, leaving out git metadata and earlier build/test output.
-tar -C "$SRC_DIR" -cf - \
-	--exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
-	--exclude=./results --exclude=./tmp_check --exclude=./log \
-	--exclude=./regression.diffs --exclude=./regression.out . |
-	tar -C "$BUILD_DIR" -xf -
-chown -R postgres:postgres "$BUILD_DIR"
+. "$SRC_DIR/test/lib/source_tree.sh"
+copy_source_tree "$SRC_DIR" "$BUILD_DIR" postgres:postgres
 cd "$BUILD_DIR"
 runuser -u postgres -- make -j"$JOBS" PG_CONFIG="$PG_CONFIG"
 

@@ -136,12 +136,8 @@ case "$plain" in *'Available flags for AddressSanitizer'*) die "postgres.real al
 case "$preloaded" in *'Available flags for AddressSanitizer'*) ;; *) die "ASan does not start in the preloaded postgres" ;; esac
 
 say "sanitized build ($CC -fsanitize=address,undefined)"
-mkdir -p "$WORK/build"
-tar -C "$SRC_DIR" -cf - \
-	--exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
-	--exclude=./results --exclude=./tmp_check --exclude=./log \
-	--exclude=./regression.diffs --exclude=./regression.out . |
-	tar -C "$WORK/build" -xf -
+. "$SRC_DIR/test/lib/source_tree.sh"
+copy_source_tree "$SRC_DIR" "$WORK/build" "$OWNER"
 chown -R "$OWNER" "$WORK"
 # The options are also compiled into the instrumented .so
 # (__asan_default_options): a backend that loads it itself (CREATE
