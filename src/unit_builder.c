@@ -58,6 +58,7 @@ typedef struct PatientState
 	bool		chart_shareable;
 	bool		blocked;		/* nothing more of this patient in the unit */
 	int			epoch;			/* snapshots and purges so far in the unit */
+	int64		snapshot_seq;	/* first snapshot request in the unit, or 0 */
 	DeliveryEvent *last_event;	/* the patient's latest event in the unit */
 } PatientState;
 
@@ -396,6 +397,8 @@ load_unit_context(UnitBuilder *builder)
 			patient->chart_shareable = builder->chart_source == NULL;
 			patient_ids[npatients++] = patient->patient_id;
 		}
+		if (unit->entries[i].op == OUTBOX_OP_SNAPSHOT && patient->snapshot_seq == 0)
+			patient->snapshot_seq = unit->entries[i].seq;
 	}
 	if (npatients == 0)
 		return;
@@ -700,6 +703,21 @@ serve_entry(UnitBuilder *builder, int entry_index)
 		/* an earlier event of the patient may still commit */
 		patient->blocked = true;
 		builder->unit->blocked = true;
+		return;
+	}
+
+	/*
+	 * A later snapshot request of an enrolled patient in this unit sends the
+	 * whole shareable record (and C-CDA documents are queued again once it
+	 * is accepted), so an earlier change needs no event of its own.  Sending
+	 * it anyway could also put it on the portal after a later change of the
+	 * patient that the portal accepted from a worker that crashed before
+	 * recording it, if the patient was enrolled in between.
+	 */
+	if (entry->op != OUTBOX_OP_SNAPSHOT && patient->enrolled &&
+		patient->snapshot_seq > entry->seq)
+	{
+		consume_silently(builder, entry_index);
 		return;
 	}
 

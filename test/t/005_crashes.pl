@@ -65,7 +65,12 @@ ok(kill('KILL', $pid), 'kill -9 the worker while the portal holds the request');
 ok(ps_wait_until(sub { my ($r) = $node->psql($db, 'SELECT 1'); $r == 0 }, 'server accepts connections', 60),
 	'server back');
 ok(ps_wait_drained($node, $db, 120), 'drained after kill -9 with a request in flight');
-my $dups = $portal->state->{duplicates};
+# The restarted worker may resend the batch before the portal has finished
+# holding the first copy (1.5 s): whichever copy is applied second is the
+# duplicate, so wait for both.
+my $dups = 0;
+ps_wait_until(sub { $dups = $portal->state->{duplicates}; $dups > 0 },
+	'both copies of the batch applied', 30);
 ok($dups > 0, "applied batch resent after the crash and deduped ($dups duplicates)");
 ps_compare_state($node, $db, $portal, 'after kill -9 in flight');
 ps_check_event_ids_stable($portal->requests, 'after kill -9 in flight');
