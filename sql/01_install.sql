@@ -82,18 +82,16 @@ BEGIN
 END
 $$;
 
--- enrolled(): who is enrolled, by what, and whether the snapshot request
--- is the patient's op 's' outbox row.
+-- enrolled(): who is enrolled (settled by the worker or still an
+-- enrollment request), by what, and how many snapshot requests (op 'e'
+-- enrollment, op 's' resync) of the patient are queued.
 CREATE FUNCTION regress_util.enrolled()
-RETURNS TABLE (patient_id text, enrolled_by text, snapshot_rows bigint,
-			   snapshot_seq_matches boolean)
+RETURNS TABLE (patient_id text, enrolled_by text, snapshot_requests bigint)
 LANGUAGE sql AS $$
 	SELECT e.patient_id::text, e.enrolled_by,
 		   (SELECT count(*) FROM portal_sync.outbox o
-			WHERE o.patient_id = e.patient_id AND o.op = 's'),
-		   e.snapshot_seq = (SELECT max(o.seq) FROM portal_sync.outbox o
-							 WHERE o.patient_id = e.patient_id AND o.op = 's')
-	FROM portal_sync.enrollment e
+			WHERE o.patient_id = e.patient_id AND o.op IN ('s', 'e'))
+	FROM portal_sync.patients e
 	ORDER BY e.patient_id
 $$;
 

@@ -39,7 +39,7 @@ INSERT INTO ehr.appointment (appt_id, patient_id, provider, starts_at)
 VALUES (1008, 13, 'Dr. Baker', '2026-02-03 08:15-05');
 ROLLBACK;
 SELECT * FROM regress_util.new_events();
-SELECT count(*) AS enrolled_13 FROM portal_sync.enrollment WHERE patient_id = '13';
+SELECT count(*) AS enrolled_13 FROM portal_sync.patients WHERE patient_id = '13';
 -- enrolled within the transaction: later statements of it are captured
 BEGIN;
 INSERT INTO ehr.medication (med_id, patient_id, drug_name) VALUES (140, 14, 'amoxicillin');
@@ -168,7 +168,7 @@ INSERT INTO ehr.lab_result (result_id, patient_id, test_name, status, result_dat
 VALUES (638, 38, 'CBC', 'final', '2026-01-09');
 UPDATE ehr.patient SET guardian_phone = '555-0138' WHERE patient_id = 38;
 SELECT * FROM regress_util.new_events();
-SELECT count(*) AS enrolled_37_38 FROM portal_sync.enrollment WHERE patient_id IN ('37', '38');
+SELECT count(*) AS enrolled_37_38 FROM portal_sync.patients WHERE patient_id IN ('37', '38');
 
 --
 -- enroll() for a patient enrolled by an event: false, nothing queued.
@@ -203,3 +203,18 @@ SELECT portal_sync.attach('ehr.appointment', 'appointment', 'patient_id',
 SELECT * FROM regress_util.enrolled();
 SELECT name, source, kind, enroll_when FROM portal_sync.sources
 WHERE kind IN ('appointment', 'ccda', 'note', 'pin') ORDER BY name;
+
+-- unenroll(): an enrolled (or requested) patient gets an unenrollment
+-- request ('x'); for a patient never enrolled it returns false.
+SELECT portal_sync.unenroll('44');
+SELECT portal_sync.unenroll('999');
+SELECT * FROM regress_util.new_events();
+SELECT portal_sync.unenroll('');
+
+-- Ids given to the functions are read as values of the chart's patient
+-- column (integer here): ' 0061' names patient 61; a text that is no
+-- integer is refused.
+SELECT portal_sync.enroll(' 0061');
+SELECT patient_id FROM portal_sync.patients WHERE patient_id IN ('61', ' 0061');
+SELECT portal_sync.enroll('B1EEBC99');
+SELECT * FROM regress_util.new_events();

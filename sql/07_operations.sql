@@ -29,7 +29,7 @@ SELECT (SELECT pending_events FROM portal_sync.status) =
 	   (SELECT sum(CASE WHEN op = 's' THEN 1 ELSE cardinality(keys) END) FROM portal_sync.outbox)
 	   AS pending_matches,
 	   (SELECT enrolled_patients FROM portal_sync.status) =
-	   (SELECT count(*) FROM portal_sync.enrollment) AS enrolled_matches,
+	   (SELECT count(*) FROM portal_sync.patients) AS enrolled_matches,
 	   (SELECT skipped_rows FROM portal_sync.status) =
 	   (SELECT sum(row_count) FROM portal_sync.skipped_row) AS skipped_matches;
 
@@ -38,13 +38,25 @@ SELECT (SELECT pending_events FROM portal_sync.status) =
 SELECT * FROM regress_util.new_events();
 SELECT portal_sync.resync_patient('1') > 0 AS queued;
 SELECT * FROM regress_util.new_events();
-SELECT (SELECT snapshot_seq FROM portal_sync.enrollment WHERE patient_id = '1') =
-	   (SELECT max(seq) FROM portal_sync.outbox WHERE patient_id = '1' AND op = 's') AS seq_recorded;
+-- its value is the request's place in the queue
+SELECT portal_sync.resync_patient('1') AS resync_seq \gset
+SELECT :resync_seq = (SELECT max(seq) FROM portal_sync.outbox WHERE patient_id = '1' AND op = 's')
+	   AS seq_returned;
 SELECT portal_sync.resync_patient('999');
 \echo :SQLSTATE
 
 -- resync_all: every enrolled patient goes to the resync queue, which the
 -- worker moves to the outbox at resync_rate per second.
+-- (the worker settles enrollment requests even without an endpoint)
+DO $$
+BEGIN
+	FOR i IN 1..300 LOOP
+		EXIT WHEN (SELECT count(*) FROM portal_sync.enrollment) = (SELECT count(*) FROM portal_sync.patients);
+		PERFORM pg_sleep(0.1);
+	END LOOP;
+END
+$$;
+SELECT (SELECT count(*) FROM portal_sync.enrollment) = (SELECT count(*) FROM portal_sync.patients) AS settled;
 SELECT portal_sync.resync_all() = (SELECT count(*) FROM portal_sync.enrollment) AS all_queued;
 SELECT (SELECT count(*) FROM portal_sync.resync_queue) = (SELECT count(*) FROM portal_sync.enrollment)
 	   AS queue_holds_all;
@@ -98,11 +110,23 @@ SELECT step, ok, detail FROM portal_sync.explain('1') WHERE step IN ('chart') OR
 UPDATE ehr.patient SET privacy_level = 0 WHERE patient_id = 1;
 UPDATE portal_sync.settings SET date_cutoff = NULL;
 
+-- Capture that cannot fire: a disabled capture trigger, a trigger set to
+-- fire on replicas only; status and explain name the tables.
+SELECT capture_disabled FROM portal_sync.status;
+ALTER TABLE ehr.allergy DISABLE TRIGGER portal_sync_capture_update;
+ALTER TABLE ehr.patient ENABLE REPLICA TRIGGER portal_sync_capture_insert;
+SELECT capture_disabled FROM portal_sync.status;
+SELECT step, ok, left(detail, 60) AS detail FROM portal_sync.explain('1') WHERE step = 'capture';
+ALTER TABLE ehr.allergy ENABLE TRIGGER portal_sync_capture_update;
+ALTER TABLE ehr.patient ENABLE TRIGGER portal_sync_capture_insert;
+SELECT capture_disabled FROM portal_sync.status;
+
 -- None of it is for PUBLIC.
 SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = 'portal_sync'
-  AND p.proname IN ('resync_patient', 'resync_all', 'retry_dead_letters', 'is_ready', 'wait_ready', 'explain')
+  AND p.proname IN ('resync_patient', 'resync_all', 'retry_dead_letters', 'is_ready', 'wait_ready', 'explain',
+					'unenroll', 'capture_disabled_tables')
 ORDER BY 1;
 SELECT c.relname, has_table_privilege('public', c.oid, 'SELECT') AS public_can_select
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -23,7 +23,7 @@
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
-#include "seq_fence.h"
+#include "unrecorded_writes.h"
 #include "shared_state.h"
 
 PG_FUNCTION_INFO_V1(portal_sync_resync_patient);
@@ -81,7 +81,7 @@ count_of(const char *sql, const char *value)
 Datum
 portal_sync_resync_patient(PG_FUNCTION_ARGS)
 {
-	char	   *patient_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *patient_id = patient_id_as_captured(text_to_cstring(PG_GETARG_TEXT_PP(0)));
 	ExtensionOwnerContext owner;
 	int64		seq = 0;
 	int64		queued;
@@ -120,7 +120,6 @@ resync_insurance_of_unenrolled(void)
 	sources = SPI_tuptable;
 	nsources = SPI_processed;
 
-	seq_fence_claim(NULL);
 	for (uint64 i = 0; i < nsources; i++)
 	{
 		HeapTuple	tuple = sources->vals[i];
@@ -186,21 +185,22 @@ portal_sync_resync_all(PG_FUNCTION_ARGS)
  *
  * Send dead-lettered events again (of one patient, or all): each item is
  * queued as a change, so it goes as it is now; a dead snapshot marker or
- * purge queues a new snapshot.  Returns the number of dead letters retried.
+ * purge of an enrolled patient queues a new snapshot, and the dead purge
+ * of a patient no longer enrolled (an unenroll()) is sent again.  Returns the number of dead letters retried.
  */
 Datum
 portal_sync_retry_dead_letters(PG_FUNCTION_ARGS)
 {
-	char	   *patient_id = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *patient_id = PG_ARGISNULL(0) ? NULL :
+		patient_id_as_captured(text_to_cstring(PG_GETARG_TEXT_PP(0)));
 	ExtensionOwnerContext owner;
 	int64		retried;
 
-	seq_fence_claim(patient_id);
 	begin_as_owner(&owner);
 	retried = count_of("WITH dead AS ("
 					   "  DELETE FROM portal_sync.dead_letter"
 					   "  WHERE $1 IS NULL OR patient_id = $1"
-					   "  RETURNING patient_id, source_id, key),"
+					   "  RETURNING patient_id, source_id, key, op),"
 					   " items AS ("
 					   "  INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
 					   "  SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
@@ -211,8 +211,19 @@ portal_sync_retry_dead_letters(PG_FUNCTION_ARGS)
 					   "  RETURNING 1),"
 					   " snapshots AS ("
 					   "  INSERT INTO portal_sync.resync_queue (patient_id)"
-					   "  SELECT DISTINCT patient_id FROM dead WHERE source_id IS NULL"
+					   "  SELECT DISTINCT d.patient_id FROM dead d WHERE d.source_id IS NULL"
+					   "  AND EXISTS (SELECT 1 FROM portal_sync.enrollment e WHERE e.patient_id = d.patient_id)"
 					   "  ON CONFLICT (patient_id) DO NOTHING"
+					   "  RETURNING 1),"
+					   /* the purge of an unenroll(): sent again, as one */
+					   " purges AS ("
+					   "  INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+					   "  SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+					   "         p.patient_id, NULL, 'x', ARRAY['retry_dead_letters()'], pg_catalog.statement_timestamp()"
+					   "  FROM (SELECT DISTINCT d.patient_id FROM dead d"
+					   "        WHERE d.source_id IS NULL AND d.op = 'purge'"
+					   "        AND NOT EXISTS (SELECT 1 FROM portal_sync.enrollment e"
+					   "                        WHERE e.patient_id = d.patient_id)) p"
 					   "  RETURNING 1)"
 					   " SELECT pg_catalog.count(*) FROM dead",
 					   patient_id);
@@ -242,7 +253,7 @@ patient_is_ready(const char *patient_id)
 Datum
 portal_sync_is_ready(PG_FUNCTION_ARGS)
 {
-	char	   *patient_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *patient_id = patient_id_as_captured(text_to_cstring(PG_GETARG_TEXT_PP(0)));
 	ExtensionOwnerContext owner;
 	bool		ready;
 
@@ -262,7 +273,7 @@ portal_sync_is_ready(PG_FUNCTION_ARGS)
 Datum
 portal_sync_wait_ready(PG_FUNCTION_ARGS)
 {
-	char	   *patient_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *patient_id = patient_id_as_captured(text_to_cstring(PG_GETARG_TEXT_PP(0)));
 	Interval   *timeout = PG_GETARG_INTERVAL_P(1);
 	int64		timeout_us;
 	TimestampTz deadline;
@@ -276,6 +287,21 @@ portal_sync_wait_ready(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("timeout must not be negative")));
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_us / 1000);
+
+	/*
+	 * Never wait for ourselves: a snapshot cannot be accepted before the
+	 * enrollment that requests it commits, nor before a transaction that
+	 * wrote rows of the patient it did not record (the patient was not
+	 * enrolled yet) has ended.  Otherwise the worker does not wait for this
+	 * transaction on the patient's behalf (unrecorded_writes.c).
+	 */
+	if (enrollment_is_uncommitted_here(patient_id) ||
+		wrote_unrecorded_rows_of(patient_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("wait_ready() would wait for its own transaction"),
+				 errdetail("This transaction enrolled the patient or wrote rows of the patient before the enrollment; the snapshot is read after it ends."),
+				 errhint("Commit first, then call portal_sync.wait_ready() in a new transaction.")));
 
 	begin_as_owner(&owner);
 	for (;;)

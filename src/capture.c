@@ -39,7 +39,7 @@
 #include "utils/tuplestore.h"
 
 #include "portal_sync.h"
-#include "seq_fence.h"
+#include "unrecorded_writes.h"
 
 PG_FUNCTION_INFO_V1(portal_sync_capture);
 
@@ -235,6 +235,8 @@ row_patient(CaptureState *state, TupleTableSlot *slot)
 		entry->queued = config->kind == SOURCE_INSURANCE ||
 			config->kind == SOURCE_PATIENT ||
 			patient_is_enrolled(entry->patient_id);
+		if (!entry->queued)
+			note_unrecorded_patient(entry->patient_id);
 	}
 	return entry;
 }
@@ -437,7 +439,6 @@ capture_truncate(SourceConfig *config, Relation rel)
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	seq_fence_claim(NULL);
 	if (config->kind == SOURCE_INSURANCE)
 	{
 		Oid			relid = RelationGetRelid(rel);

@@ -6,10 +6,12 @@
  *
  * DROP DATABASE, ALTER DATABASE ... RENAME / SET TABLESPACE and CREATE
  * DATABASE ... TEMPLATE refuse to run while another session is connected
- * to the database, and a delivery worker is such a session.  Before those
- * commands run, the worker of the database is asked to exit and the
- * launcher is told not to start it again for a while; the command itself
- * then waits the few milliseconds the worker needs to leave.
+ * to the database, and a delivery worker is such a session.  When a role
+ * that may drop the database runs one of them, the worker is asked to exit
+ * and the launcher keeps it away for as long as the command runs; when the
+ * command ends, successfully or not, the worker is started again at once.
+ * A role that may not drop the database changes nothing: the command
+ * fails on its own permission check, and delivery goes on.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -21,15 +23,22 @@
 
 #include "commands/dbcommands.h"
 #include "commands/defrem.h"
+#include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "storage/procarray.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
 #include "shared_state.h"
 
-/* How long the launcher leaves such a database alone. */
-#define DATABASE_PAUSE_MS	(60 * 1000)
+/*
+ * Safety limit of a pause whose end was never recorded (the backend
+ * running the command is checked too: a pause of a backend that has gone
+ * ends with it).
+ */
+#define DATABASE_PAUSE_LIMIT_MS	(10 * 60 * 1000)
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
 
@@ -78,32 +87,103 @@ database_needing_exclusivity(Node *statement)
 }
 
 /*
- * Ask the worker of a database to exit and keep it from restarting.
+ * Record that this backend's command needs the database without its
+ * worker, and ask the worker to exit.  Returns the pause's index, or -1
+ * if there is no room (the command then waits for the worker like for any
+ * other session, and may fail on it).
  */
-static void
-stop_worker_of_database(Oid dboid)
+static int
+pause_worker_of_database(Oid dboid)
 {
-	WorkerSlot *slot;
+	int			index = -1;
 	pid_t		pid = 0;
+	WorkerSlot *slot;
 
-	if (portal_sync_shared == NULL)
-		return;
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
-	slot = worker_slot_for_database(dboid);
-	if (slot != NULL)
+	for (int i = 0; i < MAX_DATABASE_PAUSES; i++)
 	{
-		slot->paused_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-														 DATABASE_PAUSE_MS);
-		pid = slot->pid;
+		DatabasePause *pause = &portal_sync_shared->pauses[i];
+
+		if (!OidIsValid(pause->dboid) ||
+			pause->until <= GetCurrentTimestamp() ||
+			BackendPidGetProc(pause->commanding_pid) == NULL)
+		{
+			pause->dboid = dboid;
+			pause->commanding_pid = MyProcPid;
+			pause->until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   DATABASE_PAUSE_LIMIT_MS);
+			index = i;
+			break;
+		}
 	}
+	slot = worker_slot_for_database(dboid);
+	if (index >= 0 && slot != NULL)
+		pid = slot->pid;
 	LWLockRelease(portal_sync_shared->lock);
 
 	if (pid != 0)
 		kill(pid, SIGTERM);
+	return index;
 }
 
 /*
- * ProcessUtility hook.
+ * End this backend's pause and have the launcher start the worker again.
+ */
+static void
+end_pause(int index, Oid dboid)
+{
+	DatabasePause *pause = &portal_sync_shared->pauses[index];
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	if (pause->dboid == dboid && pause->commanding_pid == MyProcPid)
+		pause->dboid = InvalidOid;
+	LWLockRelease(portal_sync_shared->lock);
+	wake_launcher_for_database(dboid);
+}
+
+/*
+ * Whether a command running now needs this database without its worker.
+ * Called by the launcher before it starts a worker.
+ */
+bool
+database_is_paused(Oid dboid)
+{
+	bool		paused = false;
+	TimestampTz now = GetCurrentTimestamp();
+
+	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
+	for (int i = 0; i < MAX_DATABASE_PAUSES && !paused; i++)
+	{
+		DatabasePause *pause = &portal_sync_shared->pauses[i];
+
+		paused = pause->dboid == dboid && pause->until > now &&
+			BackendPidGetProc(pause->commanding_pid) != NULL;
+	}
+	LWLockRelease(portal_sync_shared->lock);
+	return paused;
+}
+
+/*
+ * Run a utility statement the next hook or the server's own way.
+ */
+static void
+run_utility(PlannedStmt *pstmt, const char *queryString,
+			bool readOnlyTree, ProcessUtilityContext context,
+			ParamListInfo params, QueryEnvironment *queryEnv,
+			DestReceiver *dest, QueryCompletion *qc)
+{
+	if (prev_process_utility)
+		prev_process_utility(pstmt, queryString, readOnlyTree, context,
+							 params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+}
+
+/*
+ * ProcessUtility hook: pause the worker of the database the statement
+ * needs, if the current role may drop that database, for as long as the
+ * statement runs.
  */
 static void
 portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
@@ -111,17 +191,31 @@ portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
 							ParamListInfo params, QueryEnvironment *queryEnv,
 							DestReceiver *dest, QueryCompletion *qc)
 {
-	Oid			dboid = database_needing_exclusivity(pstmt->utilityStmt);
+	volatile Oid dboid = InvalidOid;
+	volatile int pause_index = -1;
 
-	if (OidIsValid(dboid))
-		stop_worker_of_database(dboid);
+	if (portal_sync_shared != NULL)
+		dboid = database_needing_exclusivity(pstmt->utilityStmt);
+	if (OidIsValid(dboid) && pg_database_ownercheck(dboid, GetUserId()))
+		pause_index = pause_worker_of_database(dboid);
 
-	if (prev_process_utility)
-		prev_process_utility(pstmt, queryString, readOnlyTree, context,
-							 params, queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
+	if (pause_index < 0)
+	{
+		run_utility(pstmt, queryString, readOnlyTree, context, params,
+					queryEnv, dest, qc);
+		return;
+	}
+
+	PG_TRY();
+	{
+		run_utility(pstmt, queryString, readOnlyTree, context, params,
+					queryEnv, dest, qc);
+	}
+	PG_FINALLY();
+	{
+		end_pause(pause_index, dboid);
+	}
+	PG_END_TRY();
 }
 
 /*

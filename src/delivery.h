@@ -7,6 +7,9 @@
  * events to send, in order, each knowing which outbox entries it consumes
  * once the portal accepts it.  The unit is then sent in batches, each at
  * most portal_sync.batch_size events and portal_sync.max_batch_bytes.
+ * Wire seqs are taken when the unit is built, so a patient's events are
+ * in seq order by construction; event ids are derived from what is sent
+ * (event_identity.c).
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -19,6 +22,7 @@
 
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
+#include "utils/snapshot.h"
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
@@ -44,7 +48,10 @@ typedef struct OutboxEntry
 	int			nkeys;
 	char	  **keys;
 	char	   *captured_at;	/* ISO 8601, UTC */
+	char	   *enrolled_by;	/* enrollment requests: the initiating event */
 	bool	   *key_consumed;	/* per key: accepted or dead-lettered */
+	int			nunserved;		/* keys left for a later unit (bytes) */
+	char	  **unserved_keys;	/* ... owed whatever this unit consumes */
 	bool		consumed;		/* the whole entry */
 	bool		changed;		/* consumption not yet written back */
 } OutboxEntry;
@@ -64,8 +71,15 @@ typedef struct DeliveryEvent
 	char	   *patient_id;
 	int32		source_id;
 	char	   *source_name;	/* NULL for markers */
+	const char *kind_name;		/* NULL for markers */
 	char	   *key;			/* NULL for markers */
 	EventOp		op;
+	int64		change_seq;		/* latest outbox entry this event reports */
+	const char *captured_at;	/* of that entry */
+	bool		shares_seq;		/* takes the seq of the event before it */
+	int64		preset_seq;		/* snapshot begin: its seq, kept from an earlier attempt */
+	bool		items_follow;	/* snapshot end: some of its items are sent after it */
+	int64		ends_enrollment;	/* purge: seq of the unenroll() request it serves, or 0 */
 	char	   *json;			/* the serialized event, without its data */
 	size_t		json_len;		/* length on the wire, data included */
 	const char *data_json;		/* the row as to_json() wrote it, or NULL */
@@ -82,10 +96,29 @@ typedef struct DeliveryUnit
 	int			nentries;
 	OutboxEntry *entries;
 	List	   *events;			/* of DeliveryEvent *, in sending order */
-	bool		blocked;		/* some patient waits on something */
-	bool		more_pending;	/* the outbox had more than was read */
+	int			held;			/* entries (or keys) that must wait */
+	int			silent;			/* entries consumed without an event */
+	bool		wrapped;		/* read to the end of the outbox */
+	int64		next_cursor;	/* where the next unit reads from */
+	bool		from_start;		/* read from the beginning of the outbox */
+	int			reused;			/* first events that keep a failed batch's seqs */
+	char		reused_batch_id[33];	/* and that batch's id */
 	bool		snapshot_accepted;	/* a snapshot_end was accepted */
 } DeliveryUnit;
+
+/*
+ * What the last failed batch sent: if the unit built for the retry starts
+ * with exactly the same events, they keep their seqs and the batch its
+ * batch_id, so that the portal gets the very same body again.
+ */
+typedef struct FailedBatch
+{
+	int			count;
+	char		batch_id[33];
+	char		practice_id[NAMEDATALEN * 2];
+	char	  **event_ids;
+	int64	   *seqs;
+} FailedBatch;
 
 /* The practice's settings, read at every unit. */
 typedef struct SharingSettings
@@ -96,6 +129,7 @@ typedef struct SharingSettings
 	char	   *date_cutoff;	/* text form, for SQL parameters */
 	int32		max_privacy_level;
 	char	   *install_id;
+	char	   *database_identity;	/* the database the stream belongs to */
 } SharingSettings;
 
 /*
@@ -127,17 +161,32 @@ typedef struct HttpRequest
 	BatchBody  *body;
 } HttpRequest;
 
+/*
+ * The body of the portal's answer.  Kept in malloc'd memory: it is filled
+ * from inside libcurl, where an out-of-memory error must not longjmp.
+ */
+typedef struct HttpAnswerBody
+{
+	char	   *data;			/* NUL-terminated; NULL while empty */
+	size_t		len;
+	size_t		allocated;
+	bool		incomplete;		/* not read whole: too large, or no memory */
+} HttpAnswerBody;
+
+/* Most bytes of an answer read; a larger one is not read whole. */
+#define MAX_ANSWER_BYTES	(8 * 1024 * 1024)
+
 typedef struct HttpResult
 {
 	int			status;			/* 0: no HTTP answer */
 	int64		retry_after_ms; /* -1: none */
-	StringInfoData body;
+	HttpAnswerBody body;
 	char		transport_error[256];
 } HttpResult;
 
 extern void http_init(void);
 extern void http_post(const HttpRequest *request, HttpResult *result);
-extern int64 parse_retry_after(const char *value, TimestampTz now);
+extern void http_result_free(HttpResult *result);
 extern bool endpoint_is_allowed(const char *endpoint, bool allow_insecure_http,
 								const char **reason);
 extern bool host_is_loopback(const char *host);
@@ -145,7 +194,20 @@ extern bool host_is_loopback(const char *host);
 /* unit_builder.c: the caller is in a transaction, connected to SPI */
 extern void read_sharing_settings(SharingSettings *settings);
 extern DeliveryUnit *build_delivery_unit(SharingSettings *settings, int max_events,
-										 MemoryContext context);
+										 size_t max_bytes, MemoryContext context,
+										 const FailedBatch *failed, HTAB *accepted);
+extern void unit_finished(DeliveryUnit *unit);
+
+/* event_identity.c */
+extern char *event_identity(const char *install_id, const DeliveryEvent *event,
+							const char *data_json, const char *digest);
+
+/* snapshot_wait.c */
+extern void snapshot_waits_refresh(void);
+extern bool snapshot_wait_passed(const char *patient_id, Snapshot snapshot);
+extern void snapshot_wait_done(const char *patient_id);
+extern bool snapshot_wait_pending(const char *patient_id);
+extern void snapshot_waits_describe(char *buffer, size_t size);
 
 /* wire.c */
 extern void serialize_event(DeliveryEvent *event, const char *kind,
@@ -154,7 +216,7 @@ extern void batch_body_init(BatchBody *body, const char *batch_id, const char *p
 							List *events, int first, int count);
 extern void batch_body_rewind(BatchBody *body);
 extern size_t batch_body_read(BatchBody *body, char *buffer, size_t size);
-extern List *parse_rejected_list(const char *body, size_t len);
+extern bool parse_answer_body(const char *body, size_t len, List **rejected);
 
 typedef struct RejectedEvent
 {
@@ -167,8 +229,5 @@ extern void record_batch_result(DeliveryUnit *unit, int first, int count,
 								const char *batch_id, TimestampTz sent_at,
 								int http_status, bool accepted);
 extern void record_silent_consumption(DeliveryUnit *unit);
-
-/* snapshot horizon (unit_builder.c) */
-extern void forget_snapshot_horizons(void);
 
 #endif							/* PORTAL_SYNC_DELIVERY_H */

@@ -2,12 +2,17 @@
  *
  * enroll.c
  *		Enrollment of patients: the lookup on the capture path, the
- *		initiating event, and portal_sync.enroll().
+ *		initiating event, portal_sync.enroll() and portal_sync.unenroll().
  *
- * A patient is enrolled by inserting a row into portal_sync.enrollment and,
- * in the same statement, a snapshot request into the outbox.  That runs as
- * the extension's owner with a safe search_path, because it is called from
- * the capture triggers, which run as whatever EHR role wrote the row.
+ * An initiating event enrolls a patient by appending an enrollment request
+ * (op 'e') to the outbox, in the EHR's own transaction.  Nothing is
+ * updated and no unique index is probed, so two EHR transactions
+ * enrolling patients never wait for or deadlock with each other.  The
+ * delivery worker settles the request: it inserts the patient's row into
+ * portal_sync.enrollment (it is that table's only writer) and serves the
+ * request as the patient's snapshot.  Until then the request itself says
+ * "enrolled": the capture path looks in both places (a partial index
+ * holds the requests), with the latest snapshot.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -16,6 +21,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/parallel.h"
 #include "access/xact.h"
 #include "access/htup_details.h"
 #include "access/stratnum.h"
@@ -28,6 +34,7 @@
 #include "miscadmin.h"
 #include "storage/proc.h"
 #include "utils/inval.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -38,25 +45,16 @@
 
 #include "portal_sync.h"
 #include "string_map.h"
-#include "seq_fence.h"
+#include "unrecorded_writes.h"
 
 PG_FUNCTION_INFO_V1(portal_sync_enroll);
+PG_FUNCTION_INFO_V1(portal_sync_unenroll);
 
-/* The statement that enrolls a patient; prepared once per backend. */
-static SPIPlanPtr enroll_plan = NULL;
+/* Column numbers of the patient in portal_sync.enrollment and .outbox */
+#define Anum_enrollment_patient_id	1
+#define Anum_outbox_seq				1
+#define Anum_outbox_patient_id		2
 
-static const char *const enroll_sql =
-"WITH enrolled AS ("
-"  INSERT INTO portal_sync.enrollment AS e"
-"    (patient_id, enrolled_at, enrolled_by, snapshot_seq, snapshot_requested_at)"
-"  VALUES ($1, pg_catalog.statement_timestamp(), $2,"
-"          pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
-"          pg_catalog.statement_timestamp())"
-"  ON CONFLICT (patient_id) DO NOTHING"
-"  RETURNING e.patient_id, e.snapshot_seq)"
-" INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
-" SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
-" FROM enrolled";
 
 /*
  * Queue a snapshot for one enrolled patient, or for all of them when
@@ -78,16 +76,17 @@ queue_resync(const char *patient_id, int64 *last_seq)
 	else
 		nulls[0] = 'n';
 
-	seq_fence_claim(patient_id);
-	ret = SPI_execute_with_args("WITH resync AS ("
-								"  UPDATE portal_sync.enrollment"
-								"  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
-								"      snapshot_requested_at = pg_catalog.statement_timestamp()"
-								"  WHERE $1 IS NULL OR patient_id = $1"
-								"  RETURNING patient_id, snapshot_seq)"
-								" INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
-								" SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
-								" FROM resync ORDER BY snapshot_seq RETURNING seq",
+	/* insert-only: an EHR's TRUNCATE never waits on enrollment rows */
+	ret = SPI_execute_with_args("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+								" SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+								"        p.patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
+								" FROM (SELECT e.patient_id FROM portal_sync.enrollment e"
+								"       WHERE $1 IS NULL OR e.patient_id = $1"
+								"       UNION"
+								"       SELECT o.patient_id FROM portal_sync.outbox o"
+								"       WHERE o.op = 'e' AND ($1 IS NULL OR o.patient_id = $1)"
+								"       ORDER BY 1) p"
+								" RETURNING seq",
 								1, types, values, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "queueing snapshots failed: %s", SPI_result_code_string(ret));
@@ -148,68 +147,175 @@ restore_user(ExtensionOwnerContext *context)
 }
 
 /*
- * What this backend knows of patients' enrollment.  An enrollment is never
- * undone, so "enrolled" is kept for good.  "Not enrolled" is kept for the
- * current transaction only: a patient enrolled while it runs is covered by
- * the worker, which reads that patient's snapshot only after every
- * transaction that was running at the enrollment has ended.
+ * What this backend knows of patients' enrollment.  "Enrolled" by a
+ * committed transaction is kept until portal_sync.enrollment changes in a
+ * way that can end an enrollment: the worker, recording an unenroll(),
+ * invalidates the table's relcache entry, and every backend drops its
+ * cache at that commit.  "Not enrolled" is kept for the current
+ * transaction only: a patient enrolled while it runs is covered by the
+ * worker, which reads that patient's enrollment snapshot only after the
+ * transactions that may have written unrecorded rows of the patient have
+ * ended (snapshot_wait.c, unrecorded_writes.c).
  */
 typedef struct EnrollmentCacheEntry
 {
-	char	   *patient_id;		/* key */
+	char	   *patient_id;		/* key, in enrollment_cache_context */
 	bool		enrolled;
 	bool		for_good;		/* enrolled by a committed transaction */
 	LocalTransactionId checked_in;	/* otherwise valid in this one only */
 } EnrollmentCacheEntry;
 
+/*
+ * Most patients the cache holds; when it is full it starts again empty.
+ * A practice's working set of a day fits; a statement touching more
+ * patients than this asks again for some, which only costs an index probe.
+ */
+#define ENROLLMENT_CACHE_MAX_ENTRIES	8192
+
 static HTAB *enrollment_cache = NULL;
+static MemoryContext enrollment_cache_context = NULL;	/* table and keys */
 static Oid	enrollment_cache_relid = InvalidOid;
 
 /*
- * Forget the cache when portal_sync.enrollment goes (DROP EXTENSION) or
- * the relcache is reset.
+ * Drop the cache with everything it allocated.
+ */
+static void
+enrollment_cache_reset(void)
+{
+	if (enrollment_cache_context != NULL)
+		MemoryContextDelete(enrollment_cache_context);
+	enrollment_cache_context = NULL;
+	enrollment_cache = NULL;
+}
+
+/*
+ * Forget the cache when portal_sync.enrollment goes (DROP EXTENSION), is
+ * invalidated (an enrollment ended) or the relcache is reset.
  */
 static void
 enrollment_cache_invalidate(Datum arg, Oid relid)
 {
 	if (enrollment_cache != NULL &&
 		(relid == InvalidOid || relid == enrollment_cache_relid))
-	{
-		hash_destroy(enrollment_cache);
-		enrollment_cache = NULL;
-	}
+		enrollment_cache_reset();
 }
 
 /*
- * Look the patient up in the primary key of portal_sync.enrollment with
- * the latest snapshot, so that an enrollment committed while the current
- * statement ran is seen too.
+ * Is there a row for the patient in this index of this table, visible to
+ * the snapshot?  *mine is set when the row was written by the current
+ * transaction, which may still roll back.
+ */
+static bool
+index_has_patient(Oid relid, Oid indexid, AttrNumber patient_attnum,
+				  const char *patient_id, Snapshot snapshot, bool *mine)
+{
+	Relation	rel = table_open(relid, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	bool		found;
+
+	/* systable_beginscan wants the table's column number */
+	ScanKeyInit(&key, patient_attnum, BTEqualStrategyNumber, F_TEXTEQ,
+				CStringGetTextDatum(patient_id));
+	key.sk_collation = C_COLLATION_OID;
+
+	scan = systable_beginscan(rel, indexid, true, snapshot, 1, &key);
+	tuple = systable_getnext(scan);
+	found = HeapTupleIsValid(tuple);
+	*mine = found &&
+		TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tuple->t_data));
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/*
+ * The latest seq of the patient's outbox requests in this partial index
+ * (op 'e' or 'x') visible to the snapshot, or 0.  *mine is set when that
+ * request was written by the current transaction.
+ */
+static int64
+latest_request_of_patient(const char *index_name, const char *patient_id,
+						  Snapshot snapshot, bool *mine)
+{
+	Oid			indexid = portal_sync_relid_if_exists(index_name);
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	int64		latest = 0;
+
+	*mine = false;
+	if (!OidIsValid(indexid))
+		return 0;
+	rel = table_open(portal_sync_relid("outbox"), AccessShareLock);
+	ScanKeyInit(&key, Anum_outbox_patient_id, BTEqualStrategyNumber, F_TEXTEQ,
+				CStringGetTextDatum(patient_id));
+	key.sk_collation = C_COLLATION_OID;
+	scan = systable_beginscan(rel, indexid, true, snapshot, 1, &key);
+	while (HeapTupleIsValid(tuple = systable_getnext(scan)))
+	{
+		bool		isnull;
+		int64		seq = DatumGetInt64(heap_getattr(tuple, Anum_outbox_seq,
+													 RelationGetDescr(rel), &isnull));
+
+		if (seq > latest)
+		{
+			latest = seq;
+			*mine = TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tuple->t_data));
+		}
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return latest;
+}
+
+/*
+ * Look the patient up with the latest snapshot, so that an enrollment
+ * committed while the current statement ran is seen too: in
+ * portal_sync.enrollment, then among the enrollment requests the worker
+ * has not settled yet.  The worker settles a request (inserts the
+ * enrollment row) in the transaction that first reads it, so one snapshot
+ * sees the patient in one place or the other.
  */
 static bool
 lookup_enrollment(const char *patient_id, bool *for_good)
 {
-	Relation	rel = table_open(portal_sync_relid("enrollment"), AccessShareLock);
 	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
-	ScanKeyData key;
-	SysScanDesc scan;
-	HeapTuple	tuple;
+	Relation	enrollment;
+	Oid			primary_key;
+	bool		mine = false;
 	bool		enrolled;
+	int64		enroll_seq;
+	int64		unenroll_seq;
+	bool		enroll_mine;
+	bool		unenroll_mine;
 
-	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_TEXTEQ,
-				CStringGetTextDatum(patient_id));
-	key.sk_collation = C_COLLATION_OID;
+	enrollment = table_open(portal_sync_relid("enrollment"), AccessShareLock);
+	primary_key = RelationGetPrimaryKeyIndex(enrollment);
+	table_close(enrollment, AccessShareLock);
 
-	scan = systable_beginscan(rel, RelationGetPrimaryKeyIndex(rel), true,
-							  snapshot, 1, &key);
-	tuple = systable_getnext(scan);
-	enrolled = HeapTupleIsValid(tuple);
-	/* an enrollment of this very transaction may still roll back */
-	*for_good = enrolled &&
-		!TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tuple->t_data));
-	systable_endscan(scan);
-
+	enrolled = index_has_patient(portal_sync_relid("enrollment"), primary_key,
+								 Anum_enrollment_patient_id, patient_id, snapshot, &mine);
+	enroll_seq = latest_request_of_patient("outbox_enroll_request", patient_id, snapshot,
+										   &enroll_mine);
+	unenroll_seq = latest_request_of_patient("outbox_unenroll_request", patient_id, snapshot,
+											 &unenroll_mine);
+	if (unenroll_seq > enroll_seq)
+	{
+		/* unenroll() asked last: not enrolled, until a new request */
+		enrolled = false;
+		mine = unenroll_mine;
+	}
+	else if (!enrolled && enroll_seq > 0)
+	{
+		enrolled = true;
+		mine = enroll_mine;
+	}
 	UnregisterSnapshot(snapshot);
-	table_close(rel, AccessShareLock);
+	/* an enrollment of this very transaction may still roll back */
+	*for_good = enrolled && !mine;
 	return enrolled;
 }
 
@@ -223,7 +329,12 @@ patient_is_enrolled(const char *patient_id)
 	static bool callback_registered = false;
 	EnrollmentCacheEntry *entry;
 	bool		found;
+	bool		enrolled;
+	bool		for_good;
 
+	if (enrollment_cache != NULL &&
+		hash_get_num_entries(enrollment_cache) >= ENROLLMENT_CACHE_MAX_ENTRIES)
+		enrollment_cache_reset();
 	if (enrollment_cache == NULL)
 	{
 		if (!callback_registered)
@@ -232,9 +343,12 @@ patient_is_enrolled(const char *patient_id)
 			callback_registered = true;
 		}
 		enrollment_cache_relid = portal_sync_relid("enrollment");
+		enrollment_cache_context = AllocSetContextCreate(CacheMemoryContext,
+														 "portal_sync enrollment cache",
+														 ALLOCSET_DEFAULT_SIZES);
 		enrollment_cache = string_map_create("portal_sync enrollment cache",
 											 sizeof(EnrollmentCacheEntry),
-											 CacheMemoryContext);
+											 enrollment_cache_context);
 	}
 
 	entry = string_map_find(enrollment_cache, patient_id);
@@ -242,22 +356,36 @@ patient_is_enrolled(const char *patient_id)
 		(entry->for_good || entry->checked_in == MyProc->lxid))
 		return entry->enrolled;
 
+	/* before the question: see unrecorded_writes.c */
+	if (IsTransactionState() && !IsParallelWorker() &&
+		TransactionIdIsValid(GetTopTransactionIdIfAny()))
+		announce_unrecorded_candidate(patient_id);
+
+	/*
+	 * Opening the tables may process invalidations, which can drop the
+	 * cache: ask first, then find (or make) the entry.
+	 */
+	enrolled = lookup_enrollment(patient_id, &for_good);
+	if (enrollment_cache == NULL)
+		return enrolled;
+	entry = string_map_find(enrollment_cache, patient_id);
 	if (entry == NULL)
 	{
-		char	   *key = MemoryContextStrdup(CacheMemoryContext, patient_id);
+		char	   *key = MemoryContextStrdup(enrollment_cache_context, patient_id);
 
 		entry = string_map_enter(enrollment_cache, key, &found);
 	}
-	entry->enrolled = lookup_enrollment(patient_id, &entry->for_good);
+	entry->enrolled = enrolled;
+	entry->for_good = for_good;
 	entry->checked_in = MyProc->lxid;
-	return entry->enrolled;
+	return enrolled;
 }
 
 /*
- * Remember that this backend enrolled a patient.
+ * This backend enrolled or un-enrolled a patient: ask again next time.
  */
 static void
-note_enrolled(const char *patient_id)
+forget_enrollment_of(const char *patient_id)
 {
 	if (enrollment_cache != NULL)
 	{
@@ -269,65 +397,179 @@ note_enrolled(const char *patient_id)
 }
 
 /*
- * Enroll a patient because of the named initiating event.  Returns true if
- * the patient was not enrolled before; then a snapshot request is queued.
- * Concurrent enrollments of one patient queue a single snapshot.
+ * Enrollment in a database whose extension is still at version 1.0: its
+ * outbox has no enrollment requests, so the patient is enrolled at once as
+ * 1.0 did.  This keeps the EHR's writes working between the installation
+ * of this library and ALTER EXTENSION portal_sync UPDATE, which ends it.
  */
-bool
-enroll_patient(const char *patient_id, const char *enrolled_by)
+static void
+enroll_patient_version_1_0(const char *patient_id, const char *enrolled_by)
 {
 	ExtensionOwnerContext owner;
 	Oid			argtypes[2] = {TEXTOID, TEXTOID};
 	Datum		args[2];
-	int			ret;
-	bool		newly_enrolled;
 
 	args[0] = CStringGetTextDatum(patient_id);
 	args[1] = CStringGetTextDatum(enrolled_by);
-
-	seq_fence_claim(patient_id);
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-
-	if (enroll_plan == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(enroll_sql, 2, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		enroll_plan = plan;
-	}
-
-	ret = SPI_execute_plan(enroll_plan, args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "enrolling a patient failed: %s", SPI_result_code_string(ret));
-	newly_enrolled = SPI_processed > 0;
-
+	if (SPI_execute_with_args("WITH enrolled AS ("
+							  "  INSERT INTO portal_sync.enrollment AS e"
+							  "    (patient_id, enrolled_at, enrolled_by, snapshot_seq, snapshot_requested_at)"
+							  "  VALUES ($1, pg_catalog.statement_timestamp(), $2,"
+							  "          pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+							  "          pg_catalog.statement_timestamp())"
+							  "  ON CONFLICT (patient_id) DO NOTHING"
+							  "  RETURNING e.patient_id, e.snapshot_seq)"
+							  " INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+							  " SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.statement_timestamp()"
+							  " FROM enrolled",
+							  2, argtypes, args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "enrolling a patient failed");
 	SPI_finish();
 	restore_user(&owner);
-
-	note_enrolled(patient_id);
-	if (newly_enrolled)
-		outbox_note_queued();
-	return newly_enrolled;
+	outbox_note_queued();
 }
 
 /*
- * portal_sync.enroll(patient_id text) RETURNS boolean
- *
- * Enroll a patient by hand; true if newly enrolled.
+ * Enroll a patient because of the named initiating event: append the
+ * enrollment request, which the worker settles.  The caller has checked
+ * that the patient is not enrolled; concurrent requests for one patient
+ * are settled as one enrollment.
  */
-Datum
-portal_sync_enroll(PG_FUNCTION_ARGS)
+void
+enroll_patient(const char *patient_id, const char *enrolled_by)
 {
-	char	   *patient_id = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	if (OidIsValid(portal_sync_relid_if_exists("outbox_enroll_request")))
+		(void) outbox_queue_request(patient_id, OUTBOX_OP_ENROLL, enrolled_by);
+	else
+		enroll_patient_version_1_0(patient_id, enrolled_by);
+	forget_enrollment_of(patient_id);
+}
+
+/*
+ * A patient id given to a function (enroll('B1EEBC99-...')) as capture
+ * writes it: read as a value of the chart's patient column and written
+ * back, so that an upper-case uuid, say, names the same patient as the
+ * column's canonical text.  Without a patient source attached, the text
+ * as given.  A text that is not a value of that type is refused.
+ */
+char *
+patient_id_as_captured(const char *patient_id)
+{
+	ExtensionOwnerContext owner;
+	Oid			type = InvalidOid;
+	char	   *result;
 
 	if (patient_id[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("patient_id must not be empty")));
+	if (!OidIsValid(portal_sync_relid_if_exists("source")))
+		return pstrdup(patient_id);
 
-	PG_RETURN_BOOL(enroll_patient(patient_id, "enroll()"));
+	become_extension_owner(&owner);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute("SELECT a.atttypid FROM portal_sync.source s"
+					" JOIN pg_catalog.pg_attribute a"
+					"   ON a.attrelid = s.relid AND a.attnum = s.patient_attnum"
+					" WHERE s.kind = 'patient' ORDER BY s.source_id LIMIT 1",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "reading portal_sync.source failed");
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+
+		type = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	SPI_finish();
+	restore_user(&owner);
+
+	if (!OidIsValid(type) || type == TEXTOID || type == VARCHAROID)
+		return pstrdup(patient_id);
+	{
+		Oid			input;
+		Oid			ioparam;
+		Oid			output;
+		bool		varlena;
+		Datum		value;
+
+		getTypeInputInfo(type, &input, &ioparam);
+		getTypeOutputInfo(type, &output, &varlena);
+		value = OidInputFunctionCall(input, (char *) patient_id, ioparam, -1);
+		result = OidOutputFunctionCall(output, value);
+	}
+	/* capture writes the column as text: char(n) loses its padding */
+	if (type == BPCHAROID)
+	{
+		size_t		len = strlen(result);
+
+		while (len > 0 && result[len - 1] == ' ')
+			result[--len] = '\0';
+	}
+	return result;
+}
+
+/*
+ * portal_sync.enroll(patient_id text) RETURNS boolean
+ *
+ * Enroll a patient by hand; true if the patient was not enrolled (nor
+ * being enrolled by a committed transaction) when it looked.
+ */
+Datum
+portal_sync_enroll(PG_FUNCTION_ARGS)
+{
+	char	   *patient_id = patient_id_as_captured(text_to_cstring(PG_GETARG_TEXT_PP(0)));
+
+	if (patient_is_enrolled(patient_id))
+		PG_RETURN_BOOL(false);
+	enroll_patient(patient_id, "enroll()");
+	PG_RETURN_BOOL(true);
+}
+
+/*
+ * portal_sync.unenroll(patient_id text) RETURNS boolean
+ *
+ * End a patient's enrollment: queue an unenrollment request, which the
+ * worker sends as a purge; once the portal accepted it, the worker ends
+ * the enrollment (and every backend's cached "enrolled"), and drops what
+ * was still queued for the patient but insurance.  Until a new initiating
+ * event, nothing but insurance flows for the patient.  True if the patient
+ * was enrolled (or being enrolled by a committed transaction).
+ */
+Datum
+portal_sync_unenroll(PG_FUNCTION_ARGS)
+{
+	char	   *patient_id;
+	bool		for_good;
+
+	if (!OidIsValid(portal_sync_relid_if_exists("outbox_enroll_request")))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("portal_sync.unenroll() needs version 1.1 of the extension"),
+				 errhint("Run ALTER EXTENSION portal_sync UPDATE.")));
+	patient_id = patient_id_as_captured(text_to_cstring(PG_GETARG_TEXT_PP(0)));
+
+	if (!lookup_enrollment(patient_id, &for_good))
+		PG_RETURN_BOOL(false);
+	(void) outbox_queue_request(patient_id, OUTBOX_OP_UNENROLL, "unenroll()");
+	forget_enrollment_of(patient_id);
+	/* every backend asks again after this commit: the patient is not enrolled */
+	CacheInvalidateRelcacheByRelid(portal_sync_relid("enrollment"));
+	PG_RETURN_BOOL(true);
+}
+
+/*
+ * Is the patient's enrollment the current transaction's own, not yet
+ * committed?  Nothing can be ready for the patient before it commits.
+ */
+bool
+enrollment_is_uncommitted_here(const char *patient_id)
+{
+	bool		for_good;
+
+	return lookup_enrollment(patient_id, &for_good) && !for_good;
 }

@@ -19,49 +19,64 @@
 #include <curl/curl.h>
 
 #include "miscadmin.h"
-#include "utils/datetime.h"
 #include "utils/timestamp.h"
 
 #include "delivery.h"
 #include "portal_sync.h"
 
-/* Most bytes of a response body kept; the rest is read and dropped. */
-#define MAX_RESPONSE_BYTES	(1024 * 1024)
-
 static CURL *curl_handle = NULL;
 
 /*
- * Response body collector.
+ * Body collector.  Runs inside libcurl: it allocates with malloc, never
+ * palloc (an out-of-memory error must not longjmp through libcurl).  An
+ * answer larger than MAX_ANSWER_BYTES, or one there is no memory for, is
+ * read to its end and marked incomplete: its status still counts, its body
+ * does not.
  */
 static size_t
 collect_body(char *data, size_t size, size_t nmemb, void *userdata)
 {
-	HttpResult *result = (HttpResult *) userdata;
+	HttpAnswerBody *body = &((HttpResult *) userdata)->body;
 	size_t		bytes = size * nmemb;
 
-	if (result->body.len + bytes <= MAX_RESPONSE_BYTES)
-		appendBinaryStringInfo(&result->body, data, bytes);
+	if (body->incomplete)
+		return bytes;
+	if (body->len + bytes > MAX_ANSWER_BYTES)
+	{
+		body->incomplete = true;
+		return bytes;
+	}
+	if (body->len + bytes + 1 > body->allocated)
+	{
+		size_t		wanted = Max(body->allocated * 2, (size_t) 8192);
+		char	   *grown;
+
+		while (wanted < body->len + bytes + 1)
+			wanted *= 2;
+		wanted = Min(wanted, (size_t) MAX_ANSWER_BYTES + 1);
+		grown = realloc(body->data, wanted);
+		if (grown == NULL)
+		{
+			body->incomplete = true;
+			return bytes;
+		}
+		body->data = grown;
+		body->allocated = wanted;
+	}
+	memcpy(body->data + body->len, data, bytes);
+	body->len += bytes;
+	body->data[body->len] = '\0';
 	return bytes;
 }
 
 /*
- * Header collector: only Retry-After matters.
+ * Free what http_post() allocated for a result.
  */
-static size_t
-collect_header(char *data, size_t size, size_t nmemb, void *userdata)
+void
+http_result_free(HttpResult *result)
 {
-	HttpResult *result = (HttpResult *) userdata;
-	size_t		bytes = size * nmemb;
-	static const char name[] = "retry-after:";
-
-	if (bytes > sizeof(name) - 1 && pg_strncasecmp(data, name, sizeof(name) - 1) == 0)
-	{
-		char	   *value = pnstrdup(data + sizeof(name) - 1, bytes - (sizeof(name) - 1));
-
-		result->retry_after_ms = parse_retry_after(value, GetCurrentTimestamp());
-		pfree(value);
-	}
-	return bytes;
+	free(result->body.data);
+	memset(&result->body, 0, sizeof(result->body));
 }
 
 /*
@@ -94,42 +109,6 @@ check_for_stop(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 			   curl_off_t ultotal, curl_off_t ulnow)
 {
 	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
-}
-
-/*
- * Parse a Retry-After value, in seconds or as an HTTP-date; returns the
- * delay in milliseconds, or -1 if the value is not understood.
- */
-int64
-parse_retry_after(const char *value, TimestampTz now)
-{
-	const char *p = value;
-	char	   *end;
-	long		seconds;
-
-	while (*p == ' ' || *p == '\t')
-		p++;
-	if (*p >= '0' && *p <= '9')
-	{
-		errno = 0;
-		seconds = strtol(p, &end, 10);
-		while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
-			end++;
-		if (errno != 0 || *end != '\0' || seconds < 0)
-			return -1;
-		return Min((int64) seconds, (int64) 86400) * 1000;
-	}
-	else
-	{
-		time_t		when = curl_getdate(p, NULL);
-		pg_time_t	now_unix = timestamptz_to_time_t(now);
-
-		if (when == -1)
-			return -1;
-		if (when <= now_unix)
-			return 0;
-		return Min((int64) (when - now_unix), (int64) 86400) * 1000;
-	}
 }
 
 /*
@@ -214,7 +193,7 @@ http_post(const HttpRequest *request, HttpResult *result)
 	CURLcode	code;
 	long		status = 0;
 
-	initStringInfo(&result->body);
+	memset(&result->body, 0, sizeof(result->body));
 	result->status = 0;
 	result->retry_after_ms = -1;
 	result->transport_error[0] = '\0';
@@ -240,8 +219,6 @@ http_post(const HttpRequest *request, HttpResult *result)
 					 (curl_off_t) request->body->total_len);
 	curl_easy_setopt(curl_handle, CURLOPT_WRITEFUNCTION, collect_body);
 	curl_easy_setopt(curl_handle, CURLOPT_WRITEDATA, result);
-	curl_easy_setopt(curl_handle, CURLOPT_HEADERFUNCTION, collect_header);
-	curl_easy_setopt(curl_handle, CURLOPT_HEADERDATA, result);
 	curl_easy_setopt(curl_handle, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(curl_handle, CURLOPT_XFERINFOFUNCTION, check_for_stop);
 	curl_easy_setopt(curl_handle, CURLOPT_USERAGENT, "portal_sync/" PORTAL_SYNC_VERSION);
@@ -266,8 +243,14 @@ http_post(const HttpRequest *request, HttpResult *result)
 
 	if (code == CURLE_OK)
 	{
+		curl_off_t	retry_after = 0;
+
 		curl_easy_getinfo(curl_handle, CURLINFO_RESPONSE_CODE, &status);
 		result->status = (int) status;
+		/* seconds, from either form of the header; 0 when there is none */
+		if (curl_easy_getinfo(curl_handle, CURLINFO_RETRY_AFTER, &retry_after) == CURLE_OK &&
+			retry_after > 0)
+			result->retry_after_ms = (int64) Min(retry_after, (curl_off_t) 366 * 86400) * 1000;
 	}
 	else
 		strlcpy(result->transport_error, curl_easy_strerror(code),

@@ -44,6 +44,12 @@
 /* How long to wait before starting a failed worker again. */
 #define WORKER_RESTART_DELAY_MS		1000
 
+/*
+ * How often a paused database is looked at again (the end of the command
+ * wakes the launcher; this catches a command whose backend died).
+ */
+#define PAUSE_RECHECK_MS			1000
+
 /* How often a database without the extension is probed again. */
 #define EXTENSION_PROBE_INTERVAL_MS	(5 * 60 * 1000)
 
@@ -176,8 +182,6 @@ claim_slot(Oid dboid, bool *running)
 			slot->latch = NULL;
 			slot->extension_missing = false;
 			slot->state = WORKER_NOT_RUNNING;
-			slot->paused_until = 0;
-			pg_atomic_write_u64(&slot->sequence_seen, 0);
 			index = i;
 			break;
 		}
@@ -261,8 +265,6 @@ reap_worker(KnownDatabase *known)
 	if (slot->extension_missing &&
 		now - known->requested_at > (TimestampTz) 60 * USECS_PER_SEC)
 		delay = EXTENSION_PROBE_INTERVAL_MS;
-	if (slot->paused_until > now)
-		delay = Max(delay, (int) ((slot->paused_until - now) / 1000));
 	slot->in_use = false;
 	slot->pid = 0;
 	slot->latch = NULL;
@@ -312,14 +314,14 @@ supervise_workers(Oid requested)
 
 		if (known->handle == NULL && !known->adopted)
 		{
-			bool		paused = false;
+			bool		paused = database_is_paused(known->dboid);
 
 			if (known->dboid == requested)
 				known->next_start_at = 0;
-			if (known->slot_index >= 0)
-				paused = portal_sync_shared->slots[known->slot_index].paused_until > now;
 			if (!paused && known->next_start_at <= now)
 				start_worker(known);
+			else if (paused)
+				sleep_ms = Min(sleep_ms, PAUSE_RECHECK_MS);
 			else
 				sleep_ms = Min(sleep_ms, (long) ((known->next_start_at - now) / 1000) + 1);
 		}

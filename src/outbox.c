@@ -31,7 +31,6 @@
 
 #include "miscadmin.h"
 #include "portal_sync.h"
-#include "seq_fence.h"
 #include "shared_state.h"
 
 /* Column numbers of portal_sync.outbox, as created by the install script. */
@@ -51,6 +50,7 @@
 /* Did the current transaction queue events, or change the settings? */
 static bool events_queued = false;
 static bool settings_changed = false;
+static bool enrollment_queued = false;	/* wake the worker whatever it does */
 
 struct OutboxWriter
 {
@@ -143,7 +143,6 @@ outbox_writer_add_row(OutboxWriter *writer, const char *patient_id,
 	}
 	oldcontext = MemoryContextSwitchTo(writer->batch_context);
 
-	seq_fence_claim(patient_id);
 	seq = nextval_internal(writer->seq_relid, false);
 
 	memset(slot->tts_isnull, false, Natts_outbox * sizeof(bool));
@@ -204,16 +203,24 @@ outbox_writer_close(OutboxWriter *writer)
 }
 
 /*
- * Queue a snapshot request for a patient; returns its seq.
+ * Queue a request of a patient's whole record: a resync (op 's') or an
+ * enrollment (op 'e', whose one key says what enrolled the patient).
+ * Returns its seq.  Only appends: no EHR transaction ever waits for
+ * another one here.
  */
 int64
-outbox_queue_snapshot(const char *patient_id)
+outbox_queue_request(const char *patient_id, char op, const char *note)
 {
 	OutboxWriter *writer = outbox_writer_open();
+	Datum		keys[1];
 	int64		seq;
 
-	seq = outbox_writer_add_row(writer, patient_id, 0, OUTBOX_OP_SNAPSHOT, NULL, 0);
+	if (note != NULL)
+		keys[0] = CStringGetTextDatum(note);
+	seq = outbox_writer_add_row(writer, patient_id, 0, op, keys, note != NULL ? 1 : 0);
 	outbox_writer_close(writer);
+	if (op == OUTBOX_OP_ENROLL)
+		enrollment_queued = true;
 	return seq;
 }
 
@@ -254,14 +261,14 @@ wake_worker_at_commit(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (events_queued || settings_changed)
-				wake_worker_of_database(MyDatabaseId, settings_changed);
-			events_queued = settings_changed = false;
+			if (events_queued || settings_changed || enrollment_queued)
+				wake_worker_of_database(MyDatabaseId, settings_changed || enrollment_queued);
+			events_queued = settings_changed = enrollment_queued = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
-			events_queued = settings_changed = false;
+			events_queued = settings_changed = enrollment_queued = false;
 			break;
 		default:
 			break;

@@ -19,7 +19,7 @@
 #include "utils/relcache.h"
 
 #define PORTAL_SYNC_SCHEMA "portal_sync"
-#define PORTAL_SYNC_VERSION "1.0"
+#define PORTAL_SYNC_VERSION "1.1"
 
 /* Settings (portal_sync.c) */
 extern char *portal_sync_endpoint;
@@ -55,7 +55,9 @@ extern bool source_kind_enrolls(SourceKind kind);
 #define OUTBOX_OP_UPDATE	'u'
 #define OUTBOX_OP_DELETE	'd'
 #define OUTBOX_OP_TRUNCATE	't'
-#define OUTBOX_OP_SNAPSHOT	's'
+#define OUTBOX_OP_SNAPSHOT	's'	/* a resync: snapshot of an enrolled patient */
+#define OUTBOX_OP_ENROLL	'e'	/* an enrollment: its snapshot, keys = {by} */
+#define OUTBOX_OP_UNENROLL	'x'	/* unenroll(): a purge, the enrollment ends */
 
 /*
  * What the capture triggers need to know of one attached table, loaded once
@@ -80,6 +82,7 @@ typedef struct SourceConfig
 
 extern SourceConfig *source_config_lookup(Oid relid);
 extern Oid	portal_sync_relid(const char *relname);
+extern Oid	portal_sync_relid_if_exists(const char *relname);
 
 /* Rule expressions: share_when and enroll_when (rule_expr.c) */
 extern Node *rule_expr_compile(Relation rel, const char *text, const char *what);
@@ -92,14 +95,19 @@ extern OutboxWriter *outbox_writer_open(void);
 extern void outbox_writer_add(OutboxWriter *writer, const char *patient_id,
 							  int32 source_id, char op, Datum *keys, int nkeys);
 extern void outbox_writer_close(OutboxWriter *writer);
-extern int64 outbox_queue_snapshot(const char *patient_id);
+extern int64 outbox_queue_request(const char *patient_id, char op, const char *note);
 extern void outbox_count_skipped(int32 source_id, int64 row_count);
 extern void outbox_note_queued(void);
+
+/* copies.c */
+extern const char *database_identity(void);
 extern void outbox_note_settings_changed(void);
 
 /* Enrollment (enroll.c) */
 extern bool patient_is_enrolled(const char *patient_id);
-extern bool enroll_patient(const char *patient_id, const char *enrolled_by);
+extern void enroll_patient(const char *patient_id, const char *enrolled_by);
+extern bool enrollment_is_uncommitted_here(const char *patient_id);
+extern char *patient_id_as_captured(const char *patient_id);
 extern int64 queue_resync(const char *patient_id, int64 *last_seq);
 
 /* Running a piece of work as the extension's owner (enroll.c) */

@@ -24,9 +24,11 @@ typedef enum WorkerState
 	WORKER_NOT_RUNNING = 0,
 	WORKER_RUNNING,				/* sending */
 	WORKER_IDLE,				/* nothing to send */
+	WORKER_WAITING,				/* events pending, all held back (hold_reason) */
 	WORKER_BACKING_OFF,			/* waiting to retry after a failure */
 	WORKER_DISABLED,			/* settings.enabled is false */
-	WORKER_UNCONFIGURED			/* no usable endpoint */
+	WORKER_UNCONFIGURED,		/* no usable endpoint */
+	WORKER_NEEDS_ADOPTION		/* a copy of another database: adopt() */
 } WorkerState;
 
 #define WORKER_ERROR_LEN 256
@@ -37,7 +39,6 @@ typedef struct WorkerSlot
 	/* Owned by the launcher (under the lock) */
 	bool		in_use;
 	Oid			dboid;
-	TimestampTz paused_until;	/* not restarted before (DROP DATABASE...) */
 
 	/* Owned by the worker (under the lock) */
 	pid_t		pid;
@@ -50,10 +51,22 @@ typedef struct WorkerSlot
 	TimestampTz last_error_at;
 	TimestampTz next_attempt_at;
 	char		last_error[WORKER_ERROR_LEN];
-
-	/* the outbox sequence's value as the worker last read it (seq_fence.c) */
-	pg_atomic_uint64 sequence_seen;
+	char		hold_reason[WORKER_ERROR_LEN];	/* what holds events back */
 } WorkerSlot;
+
+/*
+ * A database whose worker must stay away while a command that needs it
+ * without connections runs (DROP DATABASE ...): set by the backend running
+ * the command, cleared when the command ends.
+ */
+typedef struct DatabasePause
+{
+	Oid			dboid;			/* InvalidOid: entry free */
+	pid_t		commanding_pid; /* the backend running the command */
+	TimestampTz until;			/* safety limit */
+} DatabasePause;
+
+#define MAX_DATABASE_PAUSES 8
 
 typedef struct PortalSyncShared
 {
@@ -64,6 +77,7 @@ typedef struct PortalSyncShared
 	Oid			requested_database; /* start its worker now */
 	/* wait_ready() sleeps here; broadcast when any snapshot is accepted */
 	ConditionVariable ready_cv;
+	DatabasePause pauses[MAX_DATABASE_PAUSES];
 	WorkerSlot	slots[FLEXIBLE_ARRAY_MEMBER];
 } PortalSyncShared;
 
@@ -76,6 +90,7 @@ extern void wake_launcher_for_database(Oid dboid);
 
 /* database_hook.c */
 extern void database_hook_install(void);
+extern bool database_is_paused(Oid dboid);
 
 /* launcher.c */
 extern void register_launcher(void);

@@ -25,7 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
-#include "seq_fence.h"
+#include "unrecorded_writes.h"
 #include "shared_state.h"
 
 PortalSyncShared *portal_sync_shared = NULL;
@@ -52,8 +52,8 @@ portal_sync_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(shared_state_size());
-	RequestAddinShmemSpace(seq_fence_shmem_size());
-	RequestNamedLWLockTranche("portal_sync", 1);
+	RequestAddinShmemSpace(unrecorded_writes_shmem_size());
+	RequestNamedLWLockTranche("portal_sync", 2);	/* shared state, unrecorded writes */
 }
 
 /*
@@ -75,10 +75,8 @@ portal_sync_shmem_startup(void)
 		portal_sync_shared->lock = &(GetNamedLWLockTranche("portal_sync"))->lock;
 		portal_sync_shared->max_workers = portal_sync_max_workers;
 		ConditionVariableInit(&portal_sync_shared->ready_cv);
-		for (int i = 0; i < portal_sync_max_workers; i++)
-			pg_atomic_init_u64(&portal_sync_shared->slots[i].sequence_seen, 0);
 	}
-	seq_fence_shmem_init();
+	unrecorded_writes_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -131,7 +129,8 @@ wake_worker_of_database(Oid dboid, bool always)
 	 * only go back to sleep: don't make every EHR commit wake it.
 	 */
 	if (slot != NULL && slot->latch != NULL &&
-		(always || slot->state == WORKER_IDLE || slot->state == WORKER_RUNNING))
+		(always || slot->state == WORKER_IDLE || slot->state == WORKER_RUNNING ||
+		 slot->state == WORKER_WAITING))
 		SetLatch(slot->latch);
 	LWLockRelease(portal_sync_shared->lock);
 }

@@ -60,6 +60,7 @@ static RelationOidCache relation_oids[] = {
 	{"outbox", InvalidOid},
 	{"outbox_seq", InvalidOid},
 	{"enrollment", InvalidOid},
+	{"outbox_enroll_request", InvalidOid},
 	{"skipped_row", InvalidOid},
 	{NULL, InvalidOid}
 };
@@ -149,11 +150,12 @@ source_cache_init(void)
 }
 
 /*
- * OID of one of the extension's relations in schema portal_sync; errors
- * out if the extension is not installed in this database.
+ * OID of one of the extension's relations in schema portal_sync, or
+ * InvalidOid if it does not exist (an older version of the extension's
+ * schema, or the extension is not installed).
  */
 Oid
-portal_sync_relid(const char *relname)
+portal_sync_relid_if_exists(const char *relname)
 {
 	RelationOidCache *entry;
 
@@ -173,13 +175,25 @@ portal_sync_relid(const char *relname)
 
 		if (OidIsValid(namespace))
 			entry->relid = get_relname_relid(relname, namespace);
-		if (!OidIsValid(entry->relid))
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("extension portal_sync is not installed in this database"),
-					 errhint("Run CREATE EXTENSION portal_sync.")));
 	}
 	return entry->relid;
+}
+
+/*
+ * OID of one of the extension's relations in schema portal_sync; errors
+ * out if the extension is not installed in this database.
+ */
+Oid
+portal_sync_relid(const char *relname)
+{
+	Oid			relid = portal_sync_relid_if_exists(relname);
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension portal_sync is not installed in this database"),
+				 errhint("Run CREATE EXTENSION portal_sync.")));
+	return relid;
 }
 
 /*

@@ -21,11 +21,14 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 
 #include "source_reader.h"
 
@@ -168,6 +171,14 @@ load_worker_sources(void)
 			psprintf("SELECT t.%s::pg_catalog.text, %s"
 					 " FROM %s t WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
 					 key_col, row_json, rel, patient_col, patient_type, shareable, key_col);
+		source->row_sizes_sql =
+			psprintf("SELECT t.%s::pg_catalog.text, pg_catalog.octet_length(%s)"
+					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
+					 key_col, row_json, rel, key_col, key_type);
+		source->row_owner_sql =
+			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
+					 " WHERE t.%s = $3::pg_catalog.text::%s",
+					 patient_col, rel, key_col, key_type);
 		source->all_keys_sql =
 			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s ORDER BY t.%s",
@@ -231,15 +242,146 @@ run_source_statement(const char *sql, Oid third_type, Datum third)
 		elog(ERROR, "reading an attached table failed: %s", SPI_result_code_string(ret));
 }
 
+/* Rule errors of the unit being built, per source and SQLSTATE. */
+typedef struct RuleErrorCount
+{
+	int32		source_id;
+	int			sqlerrcode;
+	int64		rows;
+} RuleErrorCount;
+
+static List *rule_error_counts = NIL;
+
 /*
- * Read the rows with these keys of a source: fills the map (entries are
- * SourceRow, keyed by key) in the current memory context.
+ * Can an error of a statement reading rows be the rules' fault on one row
+ * (a bad cast of a free-text column in share_when, a division by zero, a
+ * check of a domain, a function that raises)?  Only data exceptions and
+ * the errors a routine raises are: anything else (a function or column
+ * that went away, resources, concurrency, cancellation) would fail on
+ * every row alike, and is raised on, so that delivery backs off instead of
+ * withholding everything.
+ */
+static bool
+is_rule_error(int sqlerrcode)
+{
+	const char *state = unpack_sql_state(sqlerrcode);
+
+	return strncmp(state, "22", 2) == 0 ||	/* data exception */
+		strncmp(state, "23", 2) == 0 ||	/* integrity constraint (domains) */
+		strncmp(state, "P0", 2) == 0 ||	/* raised by PL/pgSQL */
+		strncmp(state, "2F", 2) == 0 ||	/* SQL routine exception */
+		strncmp(state, "38", 2) == 0 ||	/* external routine exception */
+		strncmp(state, "39", 2) == 0;	/* external routine invocation */
+}
+
+/*
+ * Run a source's statement in a subtransaction.  Returns 0 if it ran (its
+ * rows in SPI_tuptable), or the SQLSTATE of a rule error, which is rolled
+ * back; any other error is raised on.
+ */
+static int
+try_source_statement(const char *sql, Oid third_type, Datum third)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile int sqlerrcode = 0;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(caller);
+	PG_TRY();
+	{
+		run_source_statement(sql, third_type, third);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(caller);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *error;
+
+		MemoryContextSwitchTo(caller);
+		error = CopyErrorData();
+		if (!is_rule_error(error->sqlerrcode))
+			PG_RE_THROW();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(caller);
+		CurrentResourceOwner = owner;
+		sqlerrcode = error->sqlerrcode;
+		FreeErrorData(error);
+	}
+	PG_END_TRY();
+	return sqlerrcode;
+}
+
+/*
+ * Count a row withheld because the rules failed on it.
+ */
+static void
+count_rule_error(WorkerSource *source, int sqlerrcode)
+{
+	ListCell   *lc;
+	RuleErrorCount *count;
+
+	foreach(lc, rule_error_counts)
+	{
+		count = lfirst(lc);
+		if (count->source_id == source->source_id && count->sqlerrcode == sqlerrcode)
+		{
+			count->rows++;
+			return;
+		}
+	}
+	count = palloc0(sizeof(RuleErrorCount));
+	count->source_id = source->source_id;
+	count->sqlerrcode = sqlerrcode;
+	count->rows = 1;
+	rule_error_counts = lappend(rule_error_counts, count);
+}
+
+/*
+ * A new unit: no rule errors counted yet (the last unit's list went with
+ * its memory).
  */
 void
-read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
+rule_errors_reset(void)
 {
-	run_source_statement(source->rows_by_key_sql, TEXTARRAYOID, text_array(keys, nkeys));
+	rule_error_counts = NIL;
+}
 
+/*
+ * Add the unit's rule errors to portal_sync.rule_error, in the unit's
+ * transaction (the worker is the table's only writer).
+ */
+void
+rule_errors_record(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, rule_error_counts)
+	{
+		RuleErrorCount *count = lfirst(lc);
+		Oid			types[3] = {INT4OID, TEXTOID, INT8OID};
+		Datum		values[3] = {Int32GetDatum(count->source_id),
+			CStringGetTextDatum(unpack_sql_state(count->sqlerrcode)),
+		Int64GetDatum(count->rows)};
+
+		if (spi_query("INSERT INTO portal_sync.rule_error AS r (source_id, sqlstate, errors, last_error_at)"
+					  " VALUES ($1, $2, $3, pg_catalog.now())"
+					  " ON CONFLICT (source_id, sqlstate) DO UPDATE"
+					  " SET errors = r.errors + EXCLUDED.errors, last_error_at = EXCLUDED.last_error_at",
+					  3, types, values, NULL, false) != SPI_OK_INSERT)
+			elog(ERROR, "recording rule errors failed");
+	}
+	rule_error_counts = NIL;
+}
+
+/*
+ * Fill the map from the rows of a rows_by_key statement in SPI_tuptable.
+ */
+static void
+collect_rows_by_key(HTAB *rows)
+{
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[i];
@@ -252,6 +394,76 @@ read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 		row->patient_id = SPI_getvalue(tuple, desc, 2);
 		row->shareable = shareable != NULL && shareable[0] == 't';
 		row->data_json = row->shareable ? SPI_getvalue(tuple, desc, 4) : NULL;
+		/* a row of megabytes is not kept twice until the last one is read */
+		heap_freetuple(tuple);
+		SPI_tuptable->vals[i] = NULL;
+	}
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
+ * Read the rows with these keys of a source: fills the map (entries are
+ * SourceRow, keyed by key) in the current memory context.  If the rules
+ * fail on some row, the rows are read again one by one: a row they fail
+ * on is withheld (not shareable: a delete if the portal may hold it), and
+ * counted; the others go as usual.
+ */
+void
+read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
+{
+	int			sqlerrcode = try_source_statement(source->rows_by_key_sql, TEXTARRAYOID,
+												  text_array(keys, nkeys));
+
+	if (sqlerrcode == 0)
+	{
+		collect_rows_by_key(rows);
+		return;
+	}
+
+	for (int k = 0; k < nkeys; k++)
+	{
+		sqlerrcode = try_source_statement(source->rows_by_key_sql, TEXTARRAYOID,
+										  text_array(&keys[k], 1));
+		if (sqlerrcode == 0)
+			collect_rows_by_key(rows);
+		else
+		{
+			/* the row as the rules cannot see it: its key and patient */
+			run_source_statement(source->row_owner_sql, TEXTOID, CStringGetTextDatum(keys[k]));
+			if (SPI_processed > 0)
+			{
+				bool		found;
+				SourceRow  *row = string_map_enter(rows, pstrdup(keys[k]), &found);
+
+				row->patient_id = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+				row->shareable = false;
+				row->data_json = NULL;
+				count_rule_error(source, sqlerrcode);
+			}
+			SPI_freetuptable(SPI_tuptable);
+		}
+	}
+}
+
+/*
+ * The sizes of the data of the rows with these keys of a source (as
+ * sent, before escaping), into the map under "source_id|key".  The rules
+ * are not applied: a withheld row counts as if it were sent.
+ */
+void
+read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes)
+{
+	run_source_statement(source->row_sizes_sql, TEXTARRAYOID, text_array(keys, nkeys));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		found;
+		bool		isnull;
+		char	   *id = psprintf("%d|%s", source->source_id,
+								  SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+		RowSize    *size = string_map_enter(sizes, id, &found);
+		Datum		bytes = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+
+		size->bytes = isnull ? 0 : (size_t) DatumGetInt32(bytes);
 	}
 	SPI_freetuptable(SPI_tuptable);
 }
@@ -280,13 +492,60 @@ read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *cha
 }
 
 /*
- * Read the shareable rows of a patient in a source, for a snapshot; the
- * caller walks SPI_tuptable (key, data) and frees it.
+ * The shareable rows of a patient in a source, for a snapshot: a list of
+ * SourceRow (key, data) in key order.  If the rules fail on some row, the
+ * patient's rows are read one by one, and only the rows they fail on are
+ * withheld (and counted).
  */
-void
+List *
 read_snapshot_rows(WorkerSource *source, const char *patient_id)
 {
-	run_source_statement(source->snapshot_sql, TEXTOID, CStringGetTextDatum(patient_id));
+	List	   *result = NIL;
+	int			sqlerrcode = try_source_statement(source->snapshot_sql, TEXTOID,
+												  CStringGetTextDatum(patient_id));
+
+	if (sqlerrcode == 0)
+	{
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			SourceRow  *row = palloc0(sizeof(SourceRow));
+
+			row->key = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+			row->patient_id = (char *) patient_id;
+			row->shareable = true;
+			row->data_json = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+			result = lappend(result, row);
+			heap_freetuple(SPI_tuptable->vals[i]);
+			SPI_tuptable->vals[i] = NULL;
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	else
+	{
+		char	  **keys;
+		int			nkeys;
+		HTAB	   *rows = string_map_create("portal_sync snapshot rows", sizeof(SourceRow),
+											 CurrentMemoryContext);
+
+		read_all_keys(source, patient_id);
+		nkeys = (int) SPI_processed;
+		keys = palloc(Max(nkeys, 1) * sizeof(char *));
+		for (int i = 0; i < nkeys; i++)
+			keys[i] = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		SPI_freetuptable(SPI_tuptable);
+		read_rows_by_key(source, keys, nkeys, rows);
+		for (int i = 0; i < nkeys; i++)
+		{
+			SourceRow  *row = string_map_find(rows, keys[i]);
+
+			if (row != NULL && row->shareable && strcmp(row->patient_id, patient_id) == 0)
+			{
+				row->key = keys[i];
+				result = lappend(result, row);
+			}
+		}
+	}
+	return result;
 }
 
 /*
@@ -298,4 +557,3 @@ read_all_keys(WorkerSource *source, const char *patient_id)
 {
 	run_source_statement(source->all_keys_sql, TEXTOID, CStringGetTextDatum(patient_id));
 }
-

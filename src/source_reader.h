@@ -25,6 +25,8 @@ typedef struct WorkerSource
 	char	   *rows_by_key_sql;
 	char	   *snapshot_sql;
 	char	   *all_keys_sql;
+	char	   *row_owner_sql;	/* the patient of one row, without the rules */
+	char	   *row_sizes_sql;	/* the size of rows' data, by key */
 	char	   *chart_sql;		/* kind patient only */
 } WorkerSource;
 
@@ -36,6 +38,13 @@ typedef struct SourceRow
 	bool		shareable;
 	char	   *data_json;		/* when shareable */
 } SourceRow;
+
+/* The size of a row's data; entries of a string map keyed "source|key". */
+typedef struct RowSize
+{
+	char	   *id;
+	size_t		bytes;
+} RowSize;
 
 /* Chart privacy of a patient; entries of a string map keyed by patient. */
 typedef struct ChartState
@@ -49,8 +58,11 @@ extern int	spi_query(const char *sql, int nargs, Oid *types, Datum *values,
 extern List *load_worker_sources(void);
 extern void set_sharing_parameters(const char *date_cutoff, int32 max_privacy_level);
 extern void read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows);
+extern void read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes);
 extern void read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *charts);
-extern void read_snapshot_rows(WorkerSource *source, const char *patient_id);
+extern List *read_snapshot_rows(WorkerSource *source, const char *patient_id);
+extern void rule_errors_reset(void);
+extern void rule_errors_record(void);
 extern void read_all_keys(WorkerSource *source, const char *patient_id);
 
 #endif							/* PORTAL_SYNC_SOURCE_READER_H */

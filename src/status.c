@@ -64,8 +64,8 @@ Datum
 portal_sync_worker_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[7];
-	bool		nulls[7] = {false};
+	Datum		values[8];
+	bool		nulls[8] = {false};
 	WorkerSlot *slot;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -77,7 +77,7 @@ portal_sync_worker_status(PG_FUNCTION_ARGS)
 	{
 		nulls[0] = true;
 		values[1] = CStringGetTextDatum(worker_state_name(WORKER_NOT_RUNNING));
-		for (int i = 2; i < 7; i++)
+		for (int i = 2; i < 8; i++)
 			nulls[i] = true;
 	}
 	else
@@ -94,6 +94,10 @@ portal_sync_worker_status(PG_FUNCTION_ARGS)
 		values[5] = TimestampTzGetDatum(slot->next_attempt_at);
 		nulls[5] = slot->next_attempt_at == 0;
 		values[6] = Int64GetDatum((int64) slot->delivered_total);
+		if (slot->hold_reason[0] != '\0')
+			values[7] = CStringGetTextDatum(slot->hold_reason);
+		else
+			nulls[7] = true;
 	}
 	LWLockRelease(portal_sync_shared->lock);
 

@@ -73,3 +73,13 @@ string_map_find(HTAB *map, const char *string)
 {
 	return hash_search(map, &string, HASH_FIND, NULL);
 }
+
+/*
+ * Remove the entry of a string, if any; the string the key points to is
+ * the caller's to free.
+ */
+void
+string_map_remove(HTAB *map, const char *string)
+{
+	(void) hash_search(map, &string, HASH_REMOVE, NULL);
+}

@@ -1,28 +1,42 @@
 /*-------------------------------------------------------------------------
  *
  * unit_builder.c
- *		Turning the head of the outbox into the events of a delivery unit.
+ *		Turning the outbox into the events of a delivery unit.
  *
- * The worker reads the oldest outbox entries and, in one short transaction,
- * decides what each becomes on the wire, reading every row as it is now:
+ * The worker reads committed outbox entries (an ordinary MVCC read: an
+ * entry exists for it exactly when the change it reports committed) and,
+ * in one short transaction with one snapshot, decides what each becomes
+ * on the wire, reading every row as it is now:
  *
  *	- a change of an item becomes an upsert of its current state if it is
  *	  shareable and still belongs to the patient, else a delete;
- *	- a snapshot request becomes snapshot_begin, an upsert of every
- *	  shareable item of the patient in every source but C-CDA documents,
- *	  and snapshot_end (all with the request's seq);
+ *	- a snapshot request (an enrollment 'e' or a resync 's') becomes
+ *	  snapshot_begin, an upsert of every shareable item of the patient in
+ *	  every source but C-CDA documents, and snapshot_end;
  *	- any entry of an enrolled patient whose chart is restricted becomes
  *	  one purge, then nothing until the chart is shareable again, when the
  *	  next entry becomes a snapshot;
- *	- a C-CDA upsert waits (with everything after it of that patient)
- *	  until the patient's snapshot has been accepted.
+ *	- an unenroll() request becomes a purge that consumes the patient's
+ *	  earlier entries but insurance, followed by the patient's insurance
+ *	  (which flows for patients who are not enrolled); the patient's later
+ *	  entries wait for the next unit, when the enrollment has ended;
+ *	- a C-CDA upsert waits until the patient's snapshot has been accepted.
  *
- * A patient's events keep the order of the outbox.  Several changes of one
- * row in a unit become one event, at the place of the first.  A snapshot
- * request is only served once every transaction of the database that was
- * running when the worker first saw it has ended: one of them may have
- * written a row for the patient without recording it, having checked
- * enrollment before the enrollment committed.
+ * Wire seqs are taken here, in sending order, so a patient's events are in
+ * seq order by construction, whatever order their transactions committed
+ * in; the items of a snapshot share its seq.  Several changes of one row
+ * in a unit become one event, at the place of the first; a change of an
+ * item after the patient's snapshot in the same unit is consumed by the
+ * snapshot's upsert of that item, which was read in the same snapshot.
+ *
+ * Nothing waits for anyone else.  An enrollment snapshot waits for the
+ * writing transactions that were open when it was first seen
+ * (snapshot_wait.c); meanwhile only that patient waits, and only for what
+ * would add data: its deletes and purges still go.  An entry that must
+ * wait (held) stays in the outbox and the read moves past it: each unit
+ * reads from a scan position onwards, which goes back to the start once
+ * the read reaches the end of the outbox, so held entries never fill a
+ * unit and never hold back entries behind them.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -42,8 +56,9 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
+#include "commands/sequence.h"
+
 #include "delivery.h"
-#include "seq_fence.h"
 #include "shared_state.h"
 #include "source_reader.h"
 #include "string_map.h"
@@ -55,10 +70,17 @@ typedef struct PatientState
 	bool		enrolled;
 	bool		purged;
 	bool		snapshot_accepted;
+	int64		snapshot_seq;	/* wire seq given to the snapshot of ... */
+	int64		snapshot_request;	/* ... this request, or 0 */
+	bool		resuming;		/* that request is in the unit */
+	bool		snapshot_ahead; /* that request is queued, beyond the unit */
 	bool		chart_shareable;
-	bool		blocked;		/* nothing more of this patient in the unit */
+	bool		waiting;		/* enrollment snapshot waits: retractions only */
 	int			epoch;			/* snapshots and purges so far in the unit */
-	int64		snapshot_seq;	/* first snapshot request in the unit, or 0 */
+	int			last_request;	/* index of the last snapshot request, or -1 */
+	int			unenroll_request;	/* index of the first unenroll() request, or -1 */
+	bool		has_enroll_request; /* some request in the unit is 'e' */
+	List	   *deferred_requests;	/* earlier requests the snapshot consumes */
 	DeliveryEvent *last_event;	/* the patient's latest event in the unit */
 } PatientState;
 
@@ -85,22 +107,12 @@ typedef struct UnitBuilder
 	HTAB	   *patients;		/* of PatientState */
 	HTAB	   *emitted;		/* of EmittedItem */
 	int			nevents;
-	SeqFenceView *fence;
+	size_t		nbytes;			/* of the events' row data */
+	HTAB	   *sent;			/* what earlier attempts sent (worker.c) */
 } UnitBuilder;
 
-/*
- * First sight of each snapshot request: the transactions of this database
- * that were running then, which must end before the snapshot is read.
- */
-typedef struct SnapshotHorizon
-{
-	int64		seq;
-	int			nwaiting;
-	VirtualTransactionId *waiting;
-	bool		passed;			/* all ended before this unit's snapshot */
-} SnapshotHorizon;
-
-static HTAB *snapshot_horizons = NULL;
+/* Where the next unit starts reading the outbox (see the file header). */
+static int64 scan_cursor = 0;
 
 static void consume_silently(UnitBuilder *builder, int entry_index);
 
@@ -117,7 +129,7 @@ read_sharing_settings(SharingSettings *settings)
 	char	   *value;
 
 	ret = spi_query("SELECT s.practice_id, s.enabled, s.date_cutoff::pg_catalog.text,"
-					" s.max_privacy_level, i.install_id"
+					" s.max_privacy_level, i.install_id, i.database_identity"
 					" FROM portal_sync.settings s, portal_sync.installation i",
 					0, NULL, NULL, NULL, true);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
@@ -131,155 +143,45 @@ read_sharing_settings(SharingSettings *settings)
 	settings->has_cutoff = settings->date_cutoff != NULL;
 	settings->max_privacy_level = pg_strtoint32(SPI_getvalue(tuple, desc, 4));
 	settings->install_id = SPI_getvalue(tuple, desc, 5);
+	settings->database_identity = SPI_getvalue(tuple, desc, 6);
 	SPI_freetuptable(SPI_tuptable);
 }
 
 /*
- * Forget the horizons, after the worker lost track of what it saw.
+ * The unit was delivered (or dead-lettered) whole: the next one reads on
+ * from where it stopped.
  */
 void
-forget_snapshot_horizons(void)
+unit_finished(DeliveryUnit *unit)
 {
-	if (snapshot_horizons != NULL)
-	{
-		HASH_SEQ_STATUS status;
-		SnapshotHorizon *entry;
-
-		hash_seq_init(&status, snapshot_horizons);
-		while ((entry = hash_seq_search(&status)) != NULL)
-			pfree(entry->waiting);
-		hash_destroy(snapshot_horizons);
-	}
-	snapshot_horizons = NULL;
+	scan_cursor = unit->next_cursor;
 }
 
 /*
- * Before a unit takes its snapshot: note which snapshot requests no longer
- * wait for any transaction.  Checked before, so that the snapshot the unit
- * reads with sees everything those transactions committed.
+ * Read outbox entries from the scan position on, in queue order, until
+ * about limit events.  If the read reaches the end of the outbox, the
+ * next unit starts from the beginning again.
  */
 static void
-refresh_snapshot_horizons(void)
-{
-	HASH_SEQ_STATUS status;
-	SnapshotHorizon *entry;
-
-	if (snapshot_horizons == NULL)
-		return;
-	hash_seq_init(&status, snapshot_horizons);
-	while ((entry = hash_seq_search(&status)) != NULL)
-	{
-		int			still_running = 0;
-
-		for (int i = 0; i < entry->nwaiting; i++)
-		{
-			if (!VirtualTransactionIdIsValid(entry->waiting[i]))
-				continue;
-			if (VirtualXactLock(entry->waiting[i], false))
-				SetInvalidVirtualTransactionId(entry->waiting[i]);
-			else
-				still_running++;
-		}
-		entry->passed = still_running == 0;
-	}
-}
-
-/*
- * May the snapshot requested at seq be read now?  See the file header.  A
- * transaction that was running when the worker first saw the request may
- * have checked enrollment before it committed; the snapshot is read once
- * all of them (in this database) have ended, by a unit whose snapshot was
- * taken after that.
- */
-static bool
-snapshot_horizon_passed(int64 seq)
-{
-	SnapshotHorizon *entry;
-	bool		found;
-
-	if (snapshot_horizons == NULL)
-	{
-		HASHCTL		ctl;
-
-		ctl.keysize = sizeof(int64);
-		ctl.entrysize = sizeof(SnapshotHorizon);
-		ctl.hcxt = TopMemoryContext;
-		snapshot_horizons = hash_create("portal_sync snapshot horizons", 64, &ctl,
-										HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
-	entry = hash_search(snapshot_horizons, &seq, HASH_ENTER, &found);
-	if (!found)
-	{
-		VirtualTransactionId *running;
-		int			count;
-
-		running = GetCurrentVirtualXIDs(InvalidTransactionId, false, false,
-										PROC_IN_VACUUM, &count);
-		entry->waiting = MemoryContextAlloc(TopMemoryContext,
-											Max(count, 1) * sizeof(VirtualTransactionId));
-		memcpy(entry->waiting, running, count * sizeof(VirtualTransactionId));
-		entry->nwaiting = count;
-		entry->passed = false;
-		pfree(running);
-		return false;
-	}
-	if (!entry->passed)
-		return false;
-
-	pfree(entry->waiting);
-	hash_search(snapshot_horizons, &seq, HASH_REMOVE, NULL);
-	return true;
-}
-
-/*
- * Look at the floors of running transactions (see seq_fence.c), then take
- * a new snapshot for reading the outbox, so that every event the view
- * lets through is visible in it.
- */
-static void
-read_seq_fence(SeqFenceView *view)
-{
-	int64		sequence_value;
-	bool		isnull;
-
-	if (spi_query("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
-				  " FROM portal_sync.outbox_seq", 0, NULL, NULL, NULL, true) != SPI_OK_SELECT ||
-		SPI_processed != 1)
-		elog(ERROR, "reading portal_sync.outbox_seq failed");
-	sequence_value = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-												 SPI_tuptable->tupdesc, 1, &isnull));
-	SPI_freetuptable(SPI_tuptable);
-
-	seq_fence_scan(my_worker_slot(), sequence_value, view);
-
-	PopActiveSnapshot();
-	PushActiveSnapshot(GetTransactionSnapshot());
-}
-
-/*
- * Read the oldest outbox entries into the unit: those at or below the
- * sequence value of the fence view.  If some above it wait, the unit is
- * marked blocked.
- */
-static void
-read_outbox_entries(DeliveryUnit *unit, int limit, const SeqFenceView *fence)
+read_outbox_entries(DeliveryUnit *unit, int limit)
 {
 	Oid			types[2] = {INT4OID, INT8OID};
 	Datum		values[2];
 	int			ret;
+	bool		reached_end;
 
 	values[0] = Int32GetDatum(limit);
-	values[1] = Int64GetDatum(fence->sequence_value);
+	values[1] = Int64GetDatum(scan_cursor);
 	ret = spi_query("SELECT seq, patient_id, COALESCE(source_id, 0), op, keys,"
 					" pg_catalog.to_char(captured_at AT TIME ZONE 'UTC',"
 					"   'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-					" FROM portal_sync.outbox WHERE seq <= $2 ORDER BY seq LIMIT $1",
+					" FROM portal_sync.outbox WHERE seq > $2 ORDER BY seq LIMIT $1",
 					2, types, values, NULL, true);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading portal_sync.outbox failed: %s", SPI_result_code_string(ret));
 
 	unit->nentries = (int) SPI_processed;
-	unit->more_pending = SPI_processed == (uint64) limit;
+	reached_end = SPI_processed < (uint64) limit;
 	unit->entries = palloc0(Max(unit->nentries, 1) * sizeof(OutboxEntry));
 	for (int i = 0, nevents = 0; i < unit->nentries; i++)
 	{
@@ -307,6 +209,14 @@ read_outbox_entries(DeliveryUnit *unit, int limit, const SeqFenceView *fence)
 				entry->keys[k] = TextDatumGetCString(elements[k]);
 			entry->key_consumed = palloc0(Max(count, 1) * sizeof(bool));
 		}
+		/* the key of a request says what asked for it */
+		if (entry->op == OUTBOX_OP_ENROLL || entry->op == OUTBOX_OP_SNAPSHOT ||
+			entry->op == OUTBOX_OP_UNENROLL)
+		{
+			if (entry->nkeys > 0)
+				entry->enrolled_by = entry->keys[0];
+			entry->nkeys = 0;
+		}
 		entry->captured_at = SPI_getvalue(tuple, desc, 6);
 
 		/* Enough entries for the unit: leave the rest for the next one. */
@@ -314,21 +224,15 @@ read_outbox_entries(DeliveryUnit *unit, int limit, const SeqFenceView *fence)
 		if (nevents >= limit && i + 1 < unit->nentries)
 		{
 			unit->nentries = i + 1;
-			unit->more_pending = true;
+			reached_end = false;
 			break;
 		}
 	}
 	SPI_freetuptable(SPI_tuptable);
 
-	if (!unit->more_pending)
-	{
-		if (spi_query("SELECT 1 FROM portal_sync.outbox WHERE seq > $2 LIMIT $1",
-					  2, types, values, NULL, true) != SPI_OK_SELECT)
-			elog(ERROR, "reading portal_sync.outbox failed");
-		if (SPI_processed > 0)
-			unit->blocked = true;	/* a transaction may still commit below them */
-		SPI_freetuptable(SPI_tuptable);
-	}
+	unit->wrapped = reached_end;
+	unit->next_cursor = reached_end || unit->nentries == 0 ? 0 :
+		unit->entries[unit->nentries - 1].seq;
 }
 
 /*
@@ -350,21 +254,109 @@ find_source(UnitBuilder *builder, int32 source_id)
 }
 
 /*
- * Load the sources, the patients' enrollment and chart state, and every
- * row the change entries name.
+ * Settle the enrollment requests of the unit whose patients are not
+ * enrolled yet: insert their enrollment rows.  The worker is the only
+ * writer of new enrollment rows, so nothing waits here; a capture that
+ * looks with the latest snapshot sees the request or the row.
  */
 static void
-load_unit_context(UnitBuilder *builder)
+settle_enrollments(UnitBuilder *builder)
 {
 	DeliveryUnit *unit = builder->unit;
+	Datum	   *patients = palloc(Max(unit->nentries, 1) * sizeof(Datum));
+	Datum	   *enrolled_by = palloc(Max(unit->nentries, 1) * sizeof(Datum));
+	Datum	   *enrolled_at = palloc(Max(unit->nentries, 1) * sizeof(Datum));
+	Datum	   *seqs = palloc(Max(unit->nentries, 1) * sizeof(Datum));
+	int			count = 0;
+	Oid			types[4] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+	Datum		values[4];
+
+	for (int i = 0; i < unit->nentries; i++)
+	{
+		OutboxEntry *entry = &unit->entries[i];
+		PatientState *patient;
+
+		if (entry->op != OUTBOX_OP_ENROLL)
+			continue;
+		patient = string_map_find(builder->patients, entry->patient_id);
+		if (patient->enrolled)
+			continue;
+		patient->enrolled = true;
+		patients[count] = CStringGetTextDatum(entry->patient_id);
+		enrolled_by[count] = CStringGetTextDatum(entry->enrolled_by ? entry->enrolled_by : "unknown");
+		enrolled_at[count] = CStringGetTextDatum(entry->captured_at);
+		seqs[count] = Int64GetDatum(entry->seq);
+		count++;
+	}
+	if (count == 0)
+		return;
+
+	values[0] = PointerGetDatum(construct_array(patients, count, TEXTOID, -1, false, TYPALIGN_INT));
+	values[1] = PointerGetDatum(construct_array(enrolled_by, count, TEXTOID, -1, false, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_array(enrolled_at, count, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_array(seqs, count, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (spi_query("INSERT INTO portal_sync.enrollment AS e"
+				  " (patient_id, enrolled_at, enrolled_by, snapshot_requested_at)"
+				  " SELECT r.p, r.t::pg_catalog.timestamptz, r.b, r.t::pg_catalog.timestamptz"
+				  " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
+				  "                pg_catalog.unnest($3), pg_catalog.unnest($4)) AS r(p, b, t, s)"
+				  " ON CONFLICT (patient_id) DO NOTHING",
+				  4, types, values, NULL, false) != SPI_OK_INSERT)
+		elog(ERROR, "settling enrollments failed");
+}
+
+/*
+ * A snapshot built by an earlier attempt whose request is still queued
+ * but not in this unit (a transaction that committed since put entries
+ * before it, and the unit ends before the request) is resumed by a later
+ * unit under its old seq.  Until then every entry of its patient here is
+ * held: an event sent now would get a later seq than that snapshot's
+ * remaining items and overtake them at the portal.
+ */
+static void
+hold_patients_of_snapshots_ahead(UnitBuilder *builder, char **patient_ids, int npatients)
+{
+	Datum	   *requests = palloc(Max(npatients, 1) * sizeof(Datum));
+	int			nrequests = 0;
+	Oid			types[1] = {INT8ARRAYOID};
+	Datum		values[1];
+
+	for (int i = 0; i < npatients; i++)
+	{
+		PatientState *patient = string_map_find(builder->patients, patient_ids[i]);
+
+		if (patient->snapshot_request > 0 && !patient->resuming)
+			requests[nrequests++] = Int64GetDatum(patient->snapshot_request);
+	}
+	if (nrequests == 0)
+		return;
+	values[0] = PointerGetDatum(construct_array(requests, nrequests, INT8OID, 8,
+												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	/* any entry may be a snapshot's request: see serve_entry */
+	if (spi_query("SELECT patient_id FROM portal_sync.outbox"
+				  " WHERE seq = ANY ($1)",
+				  1, types, values, NULL, true) != SPI_OK_SELECT)
+		elog(ERROR, "reading portal_sync.outbox failed");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		PatientState *patient = string_map_find(builder->patients,
+												SPI_getvalue(SPI_tuptable->vals[i],
+															 SPI_tuptable->tupdesc, 1));
+
+		if (patient != NULL)
+			patient->snapshot_ahead = true;
+	}
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
+ * Load the attached tables' settings and statements.
+ */
+static void
+load_sources(UnitBuilder *builder)
+{
 	List	   *worker_sources = load_worker_sources();
 	ListCell   *lc;
-	char	  **patient_ids = palloc(Max(unit->nentries, 1) * sizeof(char *));
-	int			npatients = 0;
-	Datum	   *elements;
-	Oid			types[1] = {TEXTARRAYOID};
-	Datum		values[1];
-	int			ret;
 
 	foreach(lc, worker_sources)
 	{
@@ -378,6 +370,112 @@ load_unit_context(UnitBuilder *builder)
 		if (source->kind == SOURCE_PATIENT && builder->chart_source == NULL)
 			builder->chart_source = source;
 	}
+}
+
+/*
+ * Keep the unit's change entries to about max_bytes of row data: the
+ * sizes of the rows they name are asked first (the rows are detoasted one
+ * at a time, nothing is kept), and the unit ends before the entry that
+ * goes over (a first entry larger than that stays, alone).  So the rows
+ * the unit then reads, and the events it holds, are bounded by bytes
+ * whatever their sizes; the rest is read by the next unit.
+ */
+static void
+limit_unit_to_bytes(UnitBuilder *builder, size_t max_bytes)
+{
+	DeliveryUnit *unit = builder->unit;
+	HTAB	   *sizes = string_map_create("portal_sync row sizes", sizeof(RowSize),
+										  CurrentMemoryContext);
+	ListCell   *lc;
+	size_t		bytes = 0;
+
+	foreach(lc, builder->sources)
+	{
+		WorkerSource *source = ((SourceRows *) lfirst(lc))->source;
+		int			nkeys = 0;
+		char	  **keys;
+
+		for (int i = 0; i < unit->nentries; i++)
+			if (unit->entries[i].source_id == source->source_id)
+				nkeys += unit->entries[i].nkeys;
+		if (nkeys == 0)
+			continue;
+		keys = palloc(nkeys * sizeof(char *));
+		nkeys = 0;
+		for (int i = 0; i < unit->nentries; i++)
+		{
+			OutboxEntry *entry = &unit->entries[i];
+
+			if (entry->source_id == source->source_id && entry->nkeys > 0)
+			{
+				memcpy(keys + nkeys, entry->keys, entry->nkeys * sizeof(char *));
+				nkeys += entry->nkeys;
+			}
+		}
+		read_row_sizes(source, keys, nkeys, sizes);
+		pfree(keys);
+	}
+
+	for (int i = 0; i < unit->nentries; i++)
+	{
+		OutboxEntry *entry = &unit->entries[i];
+
+		for (int k = 0; k < entry->nkeys; k++)
+		{
+			char	   *id = psprintf("%d|%s", entry->source_id, entry->keys[k]);
+			RowSize    *size = string_map_find(sizes, id);
+
+			bytes += size != NULL ? size->bytes : 0;
+			pfree(id);
+			if (bytes <= max_bytes || (i == 0 && k == 0))
+				continue;
+
+			/*
+			 * The rest is read by later units: the keys of this entry from
+			 * k on are owed whatever this unit consumes of it.
+			 */
+			unit->wrapped = false;
+			if (k == 0)
+			{
+				unit->next_cursor = unit->entries[i - 1].seq;
+				unit->nentries = i;
+			}
+			else
+			{
+				/*
+				 * The read moves past the entry: its keys still owed are
+				 * read again when the scan comes round (as held entries
+				 * are), so that an entry held here cannot keep every later
+				 * unit on itself.
+				 */
+				unit->next_cursor = entry->seq;
+				entry->unserved_keys = entry->keys + k;
+				entry->nunserved = entry->nkeys - k;
+				entry->nkeys = k;
+				unit->nentries = i + 1;
+			}
+			hash_destroy(sizes);
+			return;
+		}
+	}
+	hash_destroy(sizes);
+}
+
+/*
+ * Load the patients' enrollment and chart state, and every row the change
+ * entries name.
+ */
+static void
+load_unit_context(UnitBuilder *builder)
+{
+	DeliveryUnit *unit = builder->unit;
+	ListCell   *lc;
+	char	  **patient_ids = palloc(Max(unit->nentries, 1) * sizeof(char *));
+	int			npatients = 0;
+	Datum	   *elements;
+	Oid			types[1] = {TEXTARRAYOID};
+	Datum		values[1];
+	int			ret;
 
 	builder->patients = string_map_create("portal_sync patients", sizeof(PatientState),
 										  CurrentMemoryContext);
@@ -395,10 +493,19 @@ load_unit_context(UnitBuilder *builder)
 			memset(((char *) patient) + sizeof(char *), 0,
 				   sizeof(PatientState) - sizeof(char *));
 			patient->chart_shareable = builder->chart_source == NULL;
+			patient->last_request = -1;
+			patient->unenroll_request = -1;
 			patient_ids[npatients++] = patient->patient_id;
 		}
-		if (unit->entries[i].op == OUTBOX_OP_SNAPSHOT && patient->snapshot_seq == 0)
-			patient->snapshot_seq = unit->entries[i].seq;
+		if (unit->entries[i].op == OUTBOX_OP_SNAPSHOT ||
+			unit->entries[i].op == OUTBOX_OP_ENROLL)
+		{
+			patient->last_request = i;
+			if (unit->entries[i].op == OUTBOX_OP_ENROLL)
+				patient->has_enroll_request = true;
+		}
+		if (unit->entries[i].op == OUTBOX_OP_UNENROLL && patient->unenroll_request < 0)
+			patient->unenroll_request = i;
 	}
 	if (npatients == 0)
 		return;
@@ -409,9 +516,10 @@ load_unit_context(UnitBuilder *builder)
 		elements[i] = CStringGetTextDatum(patient_ids[i]);
 	values[0] = PointerGetDatum(construct_array(elements, npatients, TEXTOID, -1, false,
 												TYPALIGN_INT));
-	ret = spi_query("SELECT patient_id, purged, snapshot_accepted_at IS NOT NULL"
-								" FROM portal_sync.enrollment WHERE patient_id = ANY ($1)",
-								1, types, values, NULL, true);
+	ret = spi_query("SELECT patient_id, purged, snapshot_accepted_at IS NOT NULL,"
+					" COALESCE(snapshot_seq, 0), COALESCE(snapshot_request, 0)"
+					" FROM portal_sync.enrollment WHERE patient_id = ANY ($1)",
+					1, types, values, NULL, true);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading portal_sync.enrollment failed");
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -426,8 +534,47 @@ load_unit_context(UnitBuilder *builder)
 		patient->enrolled = true;
 		patient->purged = DatumGetBool(SPI_getbinval(tuple, desc, 2, &isnull));
 		patient->snapshot_accepted = DatumGetBool(SPI_getbinval(tuple, desc, 3, &isnull));
+		patient->snapshot_seq = DatumGetInt64(SPI_getbinval(tuple, desc, 4, &isnull));
+		patient->snapshot_request = DatumGetInt64(SPI_getbinval(tuple, desc, 5, &isnull));
 	}
 	SPI_freetuptable(SPI_tuptable);
+
+	settle_enrollments(builder);
+
+	/*
+	 * Which patients' enrollment snapshots wait.  A patient whose wait
+	 * started in an earlier unit waits here too, though its request is
+	 * behind the scan position: its other entries are retractions only.
+	 */
+	for (int i = 0; i < unit->nentries; i++)
+	{
+		OutboxEntry *entry = &unit->entries[i];
+		PatientState *patient = string_map_find(builder->patients, entry->patient_id);
+
+		if (entry->seq == patient->snapshot_request)
+		{
+			/* the request of a snapshot built before, whatever its op */
+			patient->resuming = true;
+			patient->last_request = Max(patient->last_request, i);
+		}
+	}
+	hold_patients_of_snapshots_ahead(builder, patient_ids, npatients);
+	for (int i = 0; i < npatients; i++)
+	{
+		PatientState *patient = string_map_find(builder->patients, patient_ids[i]);
+
+		/*
+		 * A snapshot already built once for its request passed its wait
+		 * then: it is resumed, never held again.
+		 */
+		if (patient->resuming)
+			patient->waiting = false;
+		else if (patient->has_enroll_request)
+			patient->waiting = !snapshot_wait_passed(patient->patient_id,
+													 GetActiveSnapshot());
+		else
+			patient->waiting = snapshot_wait_pending(patient->patient_id);
+	}
 
 	/* Charts */
 	if (builder->chart_source != NULL)
@@ -475,87 +622,147 @@ load_unit_context(UnitBuilder *builder)
 }
 
 /*
- * Append an event to the unit.
+ * Append an event to the unit.  Its id, seq and JSON are made once the
+ * unit is complete (finish_events): an event's id depends on every entry
+ * it ends up consuming.
  */
 static DeliveryEvent *
-add_event(UnitBuilder *builder, OutboxEntry *entry, int64 seq, WorkerSource *source,
+add_event(UnitBuilder *builder, OutboxEntry *entry, WorkerSource *source,
 		  const char *key, EventOp op, const char *data_json)
 {
 	DeliveryEvent *event = palloc0(sizeof(DeliveryEvent));
-	const char *install_id = builder->settings->install_id;
 
-	event->seq = seq;
 	event->patient_id = entry->patient_id;
 	event->op = op;
+	event->change_seq = entry->seq;
+	event->captured_at = entry->captured_at;
+	event->data_json = data_json;
 	if (source != NULL)
 	{
 		event->source_id = source->source_id;
 		event->source_name = source->name;
+		event->kind_name = source->kind_name;
 		event->key = pstrdup(key);
-		event->event_id = psprintf("%s-%lld-%d-%s", install_id, (long long) seq,
-								   source->source_id, key);
 	}
-	else
-		event->event_id = psprintf("%s-%lld-%s", install_id, (long long) seq,
-								   event_op_names[op]);
-	serialize_event(event, source ? source->kind_name : NULL,
-					entry->captured_at, data_json);
 	builder->unit->events = lappend(builder->unit->events, event);
 	builder->nevents++;
+	if (data_json != NULL)
+		builder->nbytes += strlen(data_json);
 	((PatientState *) string_map_find(builder->patients, entry->patient_id))->last_event = event;
 	return event;
 }
 
 /*
  * Record that accepting this event consumes an outbox entry (key_index -1)
- * or one of its keys.
+ * or one of its keys.  The event then reports that entry's change.
  */
 static void
-add_consumption(DeliveryEvent *event, int entry_index, int key_index)
+add_consumption(UnitBuilder *builder, DeliveryEvent *event, int entry_index, int key_index)
 {
 	Consumption *consumption = palloc(sizeof(Consumption));
+	OutboxEntry *entry = &builder->unit->entries[entry_index];
 
 	consumption->entry = entry_index;
 	consumption->key_index = key_index;
 	event->consumes = lappend(event->consumes, consumption);
+	/* a snapshot's markers are named by its request alone */
+	if (event->op == EVENT_SNAPSHOT_BEGIN || event->op == EVENT_SNAPSHOT_END)
+		return;
+	if (entry->seq > event->change_seq)
+	{
+		event->change_seq = entry->seq;
+		event->captured_at = entry->captured_at;
+	}
+}
+
+/*
+ * The coalescing key of an item in the unit: changes of one row between
+ * two snapshots or purges of its patient become one event.
+ */
+static char *
+item_id(PatientState *patient, int32 source_id, const char *key)
+{
+	return psprintf("%d|%d|%s|%s", patient->epoch, source_id, patient->patient_id, key);
 }
 
 /*
  * Emit a patient's snapshot: begin, every shareable item of every source
- * but C-CDA documents, end.  The end consumes the entry.
+ * but C-CDA documents, end, all reporting the request.  The end consumes
+ * the request and the patient's earlier requests in the unit; later
+ * changes of an item in the unit are consumed by its upsert here.
  */
 static void
 emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 {
 	OutboxEntry *entry = &builder->unit->entries[entry_index];
+	OutboxEntry *marker_entry = entry;
 	ListCell   *lc;
+	DeliveryEvent *begin;
 	DeliveryEvent *end;
+	int64		preset_seq = 0;
 
-	add_event(builder, entry, entry->seq, NULL, NULL, EVENT_SNAPSHOT_BEGIN, NULL);
+	/*
+	 * The snapshot of a request keeps the seq it was given when it was
+	 * first built (kept with the patient's enrollment, see finish_events):
+	 * the portal may hold it open, its begin accepted and not its end, and
+	 * counts what it mentioned so far.  So it is resumed under the same
+	 * seq and marker ids, even after a crash.
+	 */
+	if (patient->snapshot_request > 0)
+	{
+		if (entry->seq != patient->snapshot_request)
+		{
+			foreach(lc, patient->deferred_requests)
+			{
+				OutboxEntry *earlier = &builder->unit->entries[lfirst_int(lc)];
+
+				if (earlier->seq == patient->snapshot_request)
+					marker_entry = earlier;
+			}
+		}
+		if (marker_entry->seq == patient->snapshot_request)
+			preset_seq = patient->snapshot_seq;
+	}
+
+	patient->epoch++;
+	begin = add_event(builder, marker_entry, NULL, NULL, EVENT_SNAPSHOT_BEGIN, NULL);
+	begin->preset_seq = preset_seq;
 	foreach(lc, builder->sources)
 	{
 		WorkerSource *source = ((SourceRows *) lfirst(lc))->source;
-		SPITupleTable *tuptable;
+		List	   *rows;
+		ListCell   *rc;
 
 		if (source->kind == SOURCE_CCDA)
 			continue;
-		read_snapshot_rows(source, entry->patient_id);
-		tuptable = SPI_tuptable;
-		for (uint64 i = 0; i < SPI_processed; i++)
+		rows = read_snapshot_rows(source, entry->patient_id);
+		foreach(rc, rows)
 		{
-			char	   *key = SPI_getvalue(tuptable->vals[i], tuptable->tupdesc, 1);
-			char	   *data = SPI_getvalue(tuptable->vals[i], tuptable->tupdesc, 2);
+			SourceRow  *row = lfirst(rc);
+			DeliveryEvent *item;
+			EmittedItem *emitted;
+			bool		found;
 
-			add_event(builder, entry, entry->seq, source, key, EVENT_UPSERT, data);
+			item = add_event(builder, entry, source, row->key, EVENT_UPSERT, row->data_json);
+			item->shares_seq = true;
+			item->preset_seq = preset_seq;
+			emitted = string_map_enter(builder->emitted,
+									   item_id(patient, source->source_id, row->key), &found);
+			emitted->event = item;
 		}
-		SPI_freetuptable(tuptable);
+		list_free(rows);
 	}
-	end = add_event(builder, entry, entry->seq, NULL, NULL, EVENT_SNAPSHOT_END, NULL);
-	add_consumption(end, entry_index, -1);
+	end = add_event(builder, marker_entry, NULL, NULL, EVENT_SNAPSHOT_END, NULL);
+	end->shares_seq = true;
+	end->preset_seq = preset_seq;
+	add_consumption(builder, end, entry_index, -1);
+	foreach(lc, patient->deferred_requests)
+		add_consumption(builder, end, lfirst_int(lc), -1);
+	list_free(patient->deferred_requests);
+	patient->deferred_requests = NIL;
 
 	patient->purged = false;
 	patient->snapshot_accepted = false;
-	patient->epoch++;
 }
 
 /*
@@ -565,14 +772,19 @@ emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 static void
 emit_purge(UnitBuilder *builder, int entry_index, PatientState *patient)
 {
-	OutboxEntry *entry = &builder->unit->entries[entry_index];
 	DeliveryEvent *purge;
+	ListCell   *lc;
 
-	purge = add_event(builder, entry, entry->seq, NULL, NULL, EVENT_PURGE, NULL);
-	add_consumption(purge, entry_index, -1);
+	patient->epoch++;
+	purge = add_event(builder, &builder->unit->entries[entry_index], NULL, NULL,
+					  EVENT_PURGE, NULL);
+	add_consumption(builder, purge, entry_index, -1);
+	foreach(lc, patient->deferred_requests)
+		add_consumption(builder, purge, lfirst_int(lc), -1);
+	list_free(patient->deferred_requests);
+	patient->deferred_requests = NIL;
 	patient->purged = true;
 	patient->snapshot_accepted = false;
-	patient->epoch++;
 }
 
 /*
@@ -614,13 +826,13 @@ emit_insurance_of_patient(UnitBuilder *builder, int entry_index, PatientState *p
 			bool		upsert = row != NULL && row->shareable && patient->chart_shareable &&
 				strcmp(row->patient_id, entry->patient_id) == 0;
 
-			last = add_event(builder, entry, entry->seq, source, keys[i],
+			last = add_event(builder, entry, source, keys[i],
 							 upsert ? EVENT_UPSERT : EVENT_DELETE,
 							 upsert ? row->data_json : NULL);
 		}
 	}
 	if (last != NULL)
-		add_consumption(last, entry_index, -1);
+		add_consumption(builder, last, entry_index, -1);
 	else
 		consume_silently(builder, entry_index);
 }
@@ -639,19 +851,22 @@ consume_silently(UnitBuilder *builder, int entry_index)
 	PatientState *patient = string_map_find(builder->patients, entry->patient_id);
 
 	if (patient != NULL && patient->last_event != NULL)
-		add_consumption(patient->last_event, entry_index, -1);
+		add_consumption(builder, patient->last_event, entry_index, -1);
 	else
 	{
 		entry->consumed = true;
 		entry->changed = true;
+		builder->unit->silent++;
 	}
 }
 
 /*
- * Serve a change entry: one upsert or delete per key.  Returns false when
- * the patient must wait (a C-CDA upsert before the snapshot is accepted).
+ * Serve a change entry: one upsert or delete per key.  A key whose upsert
+ * must wait (a C-CDA document before the patient's snapshot is accepted;
+ * anything but a retraction while the patient's snapshot waits) is held:
+ * it stays in the outbox for a later unit.
  */
-static bool
+static void
 serve_change_entry(UnitBuilder *builder, int entry_index, PatientState *patient,
 				   SourceRows *source_rows)
 {
@@ -663,26 +878,131 @@ serve_change_entry(UnitBuilder *builder, int entry_index, PatientState *patient,
 		const char *key = entry->keys[k];
 		SourceRow  *row = string_map_find(source_rows->rows, key);
 		bool		upsert;
-		char	   *item_id;
 		EmittedItem *emitted;
 		bool		found;
 
 		upsert = row != NULL && row->shareable && patient->chart_shareable &&
 			strcmp(row->patient_id, entry->patient_id) == 0;
 
-		if (upsert && source->kind == SOURCE_CCDA && !patient->snapshot_accepted)
-			return false;
+		if (upsert && (patient->waiting ||
+					   (source->kind == SOURCE_CCDA && !patient->snapshot_accepted)))
+		{
+			builder->unit->held++;
+			continue;
+		}
 
-		item_id = psprintf("%d|%d|%s|%s", patient->epoch, source->source_id,
-						   entry->patient_id, key);
-		emitted = string_map_enter(builder->emitted, item_id, &found);
+		emitted = string_map_enter(builder->emitted,
+								   item_id(patient, source->source_id, key), &found);
 		if (!found)
-			emitted->event = add_event(builder, entry, entry->seq, source, key,
+			emitted->event = add_event(builder, entry, source, key,
 									   upsert ? EVENT_UPSERT : EVENT_DELETE,
 									   upsert ? row->data_json : NULL);
-		add_consumption(emitted->event, entry_index, k);
+		add_consumption(builder, emitted->event, entry_index, k);
 	}
-	return true;
+}
+
+/*
+ * Serve a snapshot request (an enrollment or a resync).  Only the last
+ * request of a patient in the unit becomes a snapshot; it consumes the
+ * earlier ones.
+ */
+static void
+serve_request(UnitBuilder *builder, int entry_index, PatientState *patient)
+{
+	if (patient->waiting)
+	{
+		builder->unit->held++;
+		return;
+	}
+	if (entry_index < patient->last_request)
+	{
+		patient->deferred_requests = lappend_int(patient->deferred_requests, entry_index);
+		return;
+	}
+	if (patient->has_enroll_request)
+		snapshot_wait_done(patient->patient_id);
+
+	if (!patient->enrolled)
+	{
+		/* a resync of a patient whose enrollment has ended */
+		ListCell   *lc;
+
+		foreach(lc, patient->deferred_requests)
+			consume_silently(builder, lfirst_int(lc));
+		patient->deferred_requests = NIL;
+		consume_silently(builder, entry_index);
+	}
+	else if (!patient->chart_shareable)
+	{
+		if (patient->enrolled && !patient->purged)
+			emit_purge(builder, entry_index, patient);
+		else
+		{
+			ListCell   *lc;
+
+			foreach(lc, patient->deferred_requests)
+				consume_silently(builder, lfirst_int(lc));
+			patient->deferred_requests = NIL;
+			consume_silently(builder, entry_index);
+		}
+	}
+	else
+		emit_snapshot(builder, entry_index, patient);
+}
+
+/*
+ * Serve an unenroll() request: a purge, which consumes the request and the
+ * patient's earlier entries in the unit (deferred to it), and once
+ * accepted ends the enrollment (unit_commit.c); then the patient's
+ * insurance again, which the purge took off the portal.  A retraction:
+ * it never waits for the patient's snapshot.
+ */
+static void
+serve_unenroll(UnitBuilder *builder, int entry_index, PatientState *patient)
+{
+	/*
+	 * Also for a patient no longer enrolled: the request is sent again
+	 * after a crash, or by retry_dead_letters() after the portal refused
+	 * the purge.
+	 */
+	{
+		DeliveryEvent *purge;
+		ListCell   *lc;
+
+		patient->epoch++;
+		purge = add_event(builder, &builder->unit->entries[entry_index], NULL, NULL,
+						  EVENT_PURGE, NULL);
+		purge->ends_enrollment = builder->unit->entries[entry_index].seq;
+		foreach(lc, patient->deferred_requests)
+			add_consumption(builder, purge, lfirst_int(lc), -1);
+		list_free(patient->deferred_requests);
+		patient->deferred_requests = NIL;
+		snapshot_wait_done(patient->patient_id);
+		patient->enrolled = false;
+		patient->purged = false;
+		patient->snapshot_accepted = false;
+	}
+	/* the insurance events, or the purge if there are none, consume it */
+	emit_insurance_of_patient(builder, entry_index, patient);
+}
+
+/*
+ * Was a purge of the patient sent by an earlier attempt at this unit,
+ * whose answer was lost?  The portal may have applied it: the patient's
+ * next events must then be a snapshot, as after an accepted purge.
+ */
+static bool
+purge_may_be_applied(UnitBuilder *builder, PatientState *patient)
+{
+	char	   *id;
+	bool		sent;
+
+	if (builder->sent == NULL || hash_get_num_entries(builder->sent) == 0)
+		return false;
+	id = psprintf("purge|%s", patient->patient_id);
+	sent = string_map_find(builder->sent, id) != NULL;
+	pfree(id);
+	return sent;
 }
 
 /*
@@ -695,48 +1015,45 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	PatientState *patient = string_map_find(builder->patients, entry->patient_id);
 	SourceRows *source_rows = NULL;
 
-	if (patient->blocked)
-		return;
-
-	if (seq_fence_holds(builder->fence, entry->seq, entry->patient_id))
+	if (patient->unenroll_request >= 0)
 	{
-		/* an earlier event of the patient may still commit */
-		patient->blocked = true;
-		builder->unit->blocked = true;
+		if (entry_index == patient->unenroll_request)
+		{
+			serve_unenroll(builder, entry_index, patient);
+			return;
+		}
+		if (entry_index > patient->unenroll_request)
+		{
+			/* after the enrollment ended, in the next unit */
+			builder->unit->held++;
+			return;
+		}
+		source_rows = entry->source_id != 0 ? find_source(builder, entry->source_id) : NULL;
+		if (source_rows == NULL || source_rows->source->kind != SOURCE_INSURANCE)
+		{
+			/* nothing more is sent for the patient: the purge consumes it */
+			patient->deferred_requests = lappend_int(patient->deferred_requests, entry_index);
+			return;
+		}
+	}
+
+	if (patient->snapshot_ahead)
+	{
+		builder->unit->held++;
 		return;
 	}
 
 	/*
-	 * A later snapshot request of an enrolled patient in this unit sends the
-	 * whole shareable record (and C-CDA documents are queued again once it
-	 * is accepted), so an earlier change needs no event of its own.  Sending
-	 * it anyway could also put it on the portal after a later change of the
-	 * patient that the portal accepted from a worker that crashed before
-	 * recording it, if the patient was enrolled in between.
+	 * A snapshot's request is usually an enrollment or a resync, but the
+	 * change that makes a purged patient's chart shareable again starts a
+	 * snapshot too, and is then its request: once that snapshot was built,
+	 * the change is served as the request, so that the snapshot is resumed
+	 * under its seq.
 	 */
-	if (entry->op != OUTBOX_OP_SNAPSHOT && patient->enrolled &&
-		patient->snapshot_seq > entry->seq)
+	if (entry->op == OUTBOX_OP_SNAPSHOT || entry->op == OUTBOX_OP_ENROLL ||
+		(patient->resuming && entry->seq == patient->snapshot_request))
 	{
-		consume_silently(builder, entry_index);
-		return;
-	}
-
-	if (entry->op == OUTBOX_OP_SNAPSHOT)
-	{
-		if (!snapshot_horizon_passed(entry->seq))
-		{
-			patient->blocked = true;
-			builder->unit->blocked = true;
-		}
-		else if (!patient->chart_shareable)
-		{
-			if (patient->enrolled && !patient->purged)
-				emit_purge(builder, entry_index, patient);
-			else
-				consume_silently(builder, entry_index);
-		}
-		else
-			emit_snapshot(builder, entry_index, patient);
+		serve_request(builder, entry_index, patient);
 		return;
 	}
 
@@ -744,6 +1061,22 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	if (source_rows == NULL)
 	{
 		consume_silently(builder, entry_index);	/* detached since */
+		return;
+	}
+
+	/*
+	 * The patient's snapshot later in this unit is read in the same
+	 * snapshot as this change, so it carries it: the change is consumed
+	 * with it, and the snapshot is the patient's first event here (a
+	 * resumed snapshot keeps its older seq).  C-CDA documents are not in
+	 * snapshots: they wait for its acceptance.
+	 */
+	if (patient->enrolled && !patient->waiting && entry_index < patient->last_request)
+	{
+		if (source_rows->source->kind == SOURCE_CCDA)
+			builder->unit->held++;
+		else
+			patient->deferred_requests = lappend_int(patient->deferred_requests, entry_index);
 		return;
 	}
 
@@ -766,27 +1099,316 @@ serve_entry(UnitBuilder *builder, int entry_index)
 			consume_silently(builder, entry_index);
 		return;
 	}
-	if (patient->enrolled && patient->purged)
+	if (patient->enrolled &&
+		(patient->purged || purge_may_be_applied(builder, patient)))
 	{
-		emit_snapshot(builder, entry_index, patient);
+		/* the chart is shareable again: a snapshot, unless it must wait */
+		if (patient->waiting)
+			builder->unit->held++;
+		else
+			emit_snapshot(builder, entry_index, patient);
 		return;
 	}
 
-	if (!serve_change_entry(builder, entry_index, patient, source_rows))
+	serve_change_entry(builder, entry_index, patient, source_rows);
+}
+
+/* Snapshots given their seq by this unit. */
+typedef struct NewSnapshots
+{
+	int			count;
+	int			size;
+	Datum	   *patients;
+	Datum	   *seqs;
+	Datum	   *requests;
+} NewSnapshots;
+
+static void
+remember_snapshot_seq(NewSnapshots *snapshots, DeliveryEvent *begin)
+{
+	if (snapshots->count == snapshots->size)
 	{
-		patient->blocked = true;
-		builder->unit->blocked = true;
+		snapshots->size = Max(16, snapshots->size * 2);
+		snapshots->patients = snapshots->patients
+			? repalloc(snapshots->patients, snapshots->size * sizeof(Datum))
+			: palloc(snapshots->size * sizeof(Datum));
+		snapshots->seqs = snapshots->seqs
+			? repalloc(snapshots->seqs, snapshots->size * sizeof(Datum))
+			: palloc(snapshots->size * sizeof(Datum));
+		snapshots->requests = snapshots->requests
+			? repalloc(snapshots->requests, snapshots->size * sizeof(Datum))
+			: palloc(snapshots->size * sizeof(Datum));
 	}
+	snapshots->patients[snapshots->count] = CStringGetTextDatum(begin->patient_id);
+	snapshots->seqs[snapshots->count] = Int64GetDatum(begin->seq);
+	snapshots->requests[snapshots->count] = Int64GetDatum(begin->change_seq);
+	snapshots->count++;
 }
 
 /*
- * Build the next delivery unit from the head of the outbox: at least one
- * entry, and entries until max_events events.  Entries that need no event
- * are marked consumed; the caller writes that back.  The caller is in a
- * transaction with an active snapshot, connected to SPI.
+ * Keep the seq of each new snapshot with its request, in the unit's own
+ * transaction, which the worker flushes before sending anything.
+ */
+static void
+keep_snapshot_seqs(NewSnapshots *snapshots)
+{
+	Oid			types[3] = {TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
+	Datum		values[3];
+
+	if (snapshots->count == 0)
+		return;
+	values[0] = PointerGetDatum(construct_array(snapshots->patients, snapshots->count,
+												TEXTOID, -1, false, TYPALIGN_INT));
+	values[1] = PointerGetDatum(construct_array(snapshots->seqs, snapshots->count,
+												INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[2] = PointerGetDatum(construct_array(snapshots->requests, snapshots->count,
+												INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (spi_query("UPDATE portal_sync.enrollment e"
+				  " SET snapshot_seq = n.s, snapshot_request = n.r"
+				  " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
+				  "                pg_catalog.unnest($3)) AS n(p, s, r)"
+				  " WHERE e.patient_id = n.p",
+				  3, types, values, NULL, false) != SPI_OK_UPDATE)
+		elog(ERROR, "keeping the seqs of snapshots failed");
+}
+
+/*
+ * Leave out the events of resumed snapshots that the portal already
+ * accepted in an earlier attempt (same id: same content, and the portal
+ * counted them in the snapshot it holds open).  What they consumed goes
+ * with the snapshot's end.  The worker only knows this until it restarts;
+ * after that they are sent again and the portal drops the duplicates.
+ */
+static void
+drop_accepted_snapshot_events(UnitBuilder *builder, HTAB *accepted)
+{
+	DeliveryUnit *unit = builder->unit;
+	List	   *kept = NIL;
+	ListCell   *lc;
+	List	   *orphans = NIL;
+
+	if (accepted == NULL || hash_get_num_entries(accepted) == 0)
+		return;
+	foreach(lc, unit->events)
+	{
+		DeliveryEvent *event = lfirst(lc);
+		char		marker_id[64];
+		const char *id = event->event_id;
+
+		if (event->op == EVENT_SNAPSHOT_BEGIN && event->preset_seq > 0)
+		{
+			/* markers are named by their seq, known for a resumed one */
+			snprintf(marker_id, sizeof(marker_id), "%s|" INT64_FORMAT,
+					 event->patient_id, event->preset_seq);
+			id = marker_id;
+		}
+		if (event->preset_seq > 0 && id != NULL && event->op != EVENT_SNAPSHOT_END &&
+			string_map_find(accepted, id) != NULL)
+		{
+			orphans = list_concat(orphans, event->consumes);
+			continue;
+		}
+		if (event->op == EVENT_SNAPSHOT_END && orphans != NIL)
+		{
+			event->consumes = list_concat(event->consumes, orphans);
+			orphans = NIL;
+		}
+		kept = lappend(kept, event);
+	}
+	unit->events = kept;
+}
+
+/*
+ * A resumed snapshot is sent under its first seq, but the portal may
+ * already hold later events of the patient: a batch after the snapshot's
+ * end may have been applied though its answer was lost.  An item the
+ * portal may have got before carries the same id as then (same content)
+ * and is deduped; an item never sent in this snapshot (it changed since,
+ * it is new, or the worker restarted and does not know) must not go out
+ * under the old seq.  It follows the snapshot's end as an upsert of its
+ * own, with a new seq and an id of its own: the end may drop it for a
+ * moment, the upsert puts it back, and the patient's seqs only grow.
+ */
+static void
+move_unsent_items_of_resumed_snapshots(DeliveryUnit *unit, HTAB *accepted,
+									   const char *install_id)
+{
+	List	   *kept = NIL;
+	List	   *moved = NIL;
+	ListCell   *lc;
+
+	foreach(lc, unit->events)
+	{
+		DeliveryEvent *event = lfirst(lc);
+
+		if (event->preset_seq > 0 && event->op == EVENT_UPSERT && event->shares_seq)
+		{
+			char	   *sent_id = psprintf("sent|%s", event->event_id);
+			bool		sent = accepted != NULL && string_map_find(accepted, sent_id) != NULL;
+
+			pfree(sent_id);
+			if (!sent)
+			{
+				char		digest[48];
+
+				/*
+				 * Its own id: the portal may hold this content under the
+				 * snapshot's id and would dedupe it after the end dropped
+				 * it.
+				 */
+				snprintf(digest, sizeof(digest), "after snapshot seq " INT64_FORMAT,
+						 event->preset_seq);
+				event->event_id = event_identity(install_id, event,
+												 event->data_json, digest);
+				event->shares_seq = false;
+				event->preset_seq = 0;
+				moved = lappend(moved, event);
+				continue;
+			}
+		}
+		kept = lappend(kept, event);
+		if (event->op == EVENT_SNAPSHOT_END && moved != NIL)
+		{
+			/*
+			 * The request is consumed with the last of them, and the
+			 * snapshot stays resumable until then: were the end accepted
+			 * and they not, a retry sends them again after the same end.
+			 */
+			DeliveryEvent *last = llast(moved);
+
+			last->consumes = list_concat(last->consumes, event->consumes);
+			event->consumes = NIL;
+			event->items_follow = true;
+			kept = list_concat(kept, moved);
+			moved = NIL;
+		}
+	}
+	kept = list_concat(kept, moved);
+	unit->events = kept;
+}
+
+/*
+ * Give every event its id, its seq and its JSON.  Seqs are taken from the
+ * outbox sequence in sending order (a snapshot's items and end share the
+ * begin's); if the unit starts with the very events of the failed batch
+ * to be retried, those keep their seqs, so that the body is the same.
+ * The sequence is WAL-logged; the worker flushes it before sending.
+ */
+static void
+finish_events(UnitBuilder *builder, const FailedBatch *failed, HTAB *accepted)
+{
+	DeliveryUnit *unit = builder->unit;
+	const char *install_id = builder->settings->install_id;
+	int			nevents = list_length(unit->events);
+	Oid			seq_relid = portal_sync_relid("outbox_seq");
+	int64		seq = 0;
+	int			i;
+	NewSnapshots new_snapshots = {0};
+
+	/* ids of upserts and deletes: what they send */
+	for (i = 0; i < nevents; i++)
+	{
+		DeliveryEvent *event = list_nth(unit->events, i);
+
+		if (event->source_name != NULL)
+			event->event_id = event_identity(install_id, event, event->data_json, NULL);
+	}
+	drop_accepted_snapshot_events(builder, accepted);
+	move_unsent_items_of_resumed_snapshots(unit, accepted, install_id);
+	nevents = list_length(unit->events);
+
+	/*
+	 * The failed batch again, unchanged?  A marker's id follows from its
+	 * seq, which it would keep: it is compared by the id it would have
+	 * then (the same request or entry, captured at the same time).
+	 */
+	unit->reused = 0;
+	if (failed != NULL && failed->count > 0 && failed->count <= nevents &&
+		strcmp(failed->practice_id, builder->settings->practice_id) == 0)
+	{
+		for (i = 0; i < failed->count; i++)
+		{
+			DeliveryEvent *event = list_nth(unit->events, i);
+			const char *id = event->event_id;
+
+			if (id == NULL)
+			{
+				char		digest[32];
+
+				snprintf(digest, sizeof(digest), "seq " INT64_FORMAT, failed->seqs[i]);
+				id = event_identity(install_id, event, NULL, digest);
+			}
+			if (strcmp(id, failed->event_ids[i]) != 0)
+				break;
+		}
+		/* a snapshot cut by the batch boundary would change its seq */
+		if (i == failed->count &&
+			(i == nevents || !((DeliveryEvent *) list_nth(unit->events, i))->shares_seq))
+		{
+			unit->reused = failed->count;
+			strlcpy(unit->reused_batch_id, failed->batch_id, sizeof(unit->reused_batch_id));
+		}
+	}
+
+	for (i = 0; i < nevents; i++)
+	{
+		DeliveryEvent *event = list_nth(unit->events, i);
+
+		if (i < unit->reused)
+			seq = failed->seqs[i];
+		else if (event->preset_seq > 0)
+			seq = event->preset_seq;
+		else if (!event->shares_seq || seq == 0)
+			seq = nextval_internal(seq_relid, false);
+		event->seq = seq;
+		if (event->op == EVENT_SNAPSHOT_BEGIN && event->preset_seq == 0)
+			remember_snapshot_seq(&new_snapshots, event);
+
+		/* a snapshot's markers are named by the patient and the seq */
+		if (event->source_name == NULL)
+		{
+			char		digest[32];
+
+			snprintf(digest, sizeof(digest), "seq " INT64_FORMAT, event->seq);
+			event->event_id = event_identity(install_id, event, NULL, digest);
+		}
+		serialize_event(event, event->kind_name, event->captured_at, event->data_json);
+	}
+	keep_snapshot_seqs(&new_snapshots);
+}
+
+/*
+ * The unit is cut before entry cut: the entries deferred to a request at
+ * or after it (to be consumed by its snapshot, or by an unenroll()'s
+ * purge) are not served by this unit.  Returns the index of the first of
+ * them (the next unit reads again from there, so that they meet their
+ * request again), or cut if there are none.
+ */
+static int
+first_deferred_entry(UnitBuilder *builder, int cut)
+{
+	HASH_SEQ_STATUS status;
+	PatientState *patient;
+	int			first = cut;
+
+	hash_seq_init(&status, builder->patients);
+	while ((patient = hash_seq_search(&status)) != NULL)
+	{
+		if (patient->deferred_requests != NIL)
+			first = Min(first, linitial_int(patient->deferred_requests));
+	}
+	return first;
+}
+
+/*
+ * Build the next delivery unit from the scan position: entries until
+ * max_events events.  Entries that need no event are marked consumed; the
+ * caller writes that back.  The caller is in a transaction, connected to
+ * SPI; the unit reads with a snapshot of its own, taken here.
  */
 DeliveryUnit *
-build_delivery_unit(SharingSettings *settings, int max_events, MemoryContext context)
+build_delivery_unit(SharingSettings *settings, int max_events, size_t max_bytes,
+					MemoryContext context, const FailedBatch *failed, HTAB *accepted)
 {
 	MemoryContext oldcontext = MemoryContextSwitchTo(context);
 	DeliveryUnit *unit = palloc0(sizeof(DeliveryUnit));
@@ -796,23 +1418,38 @@ build_delivery_unit(SharingSettings *settings, int max_events, MemoryContext con
 	memset(&builder, 0, sizeof(builder));
 	builder.unit = unit;
 	builder.settings = settings;
+	builder.sent = accepted;
 
-	refresh_snapshot_horizons();
-	builder.fence = palloc(sizeof(SeqFenceView));
-	read_seq_fence(builder.fence);
+	/* transactions waited for must end before the unit's snapshot */
+	snapshot_waits_refresh();
+	if (ActiveSnapshotSet())
+		PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
+
 	set_sharing_parameters(settings->date_cutoff, settings->max_privacy_level);
-	read_outbox_entries(unit, max_events, builder.fence);
+	rule_errors_reset();
+	unit->from_start = scan_cursor == 0;
+	read_outbox_entries(unit, max_events);
+	load_sources(&builder);
+	limit_unit_to_bytes(&builder, max_bytes);
 	load_unit_context(&builder);
 
 	for (int i = 0; i < unit->nentries; i++)
 	{
-		if (builder.nevents >= max_events)
+		if (builder.nevents >= max_events || builder.nbytes >= max_bytes)
 		{
-			unit->more_pending = true;
+			/* the rest is read again by the next unit */
+			int			resume_at = first_deferred_entry(&builder, i);
+
+			unit->next_cursor = resume_at > 0 ? unit->entries[resume_at - 1].seq : scan_cursor;
+			unit->wrapped = false;
+			unit->nentries = i;
 			break;
 		}
 		serve_entry(&builder, i);
 	}
+	finish_events(&builder, failed, accepted);
+	rule_errors_record();
 
 	MemoryContextSwitchTo(oldcontext);
 	return unit;

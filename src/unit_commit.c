@@ -7,8 +7,9 @@
  * Runs in a short transaction after each POST.  An outbox entry is deleted
  * once every key of it was accepted or dead-lettered; a partly consumed
  * entry keeps the keys still owed.  If the worker dies between the
- * portal's answer and this commit, the same events are sent again with
- * the same event ids, and the portal drops the duplicates.
+ * portal's answer and this commit, the events are built again; those
+ * whose content did not change keep their event ids, and the portal drops
+ * them as duplicates.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -20,9 +21,9 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 
 #include "delivery.h"
-#include "seq_fence.h"
 #include "shared_state.h"
 #include "source_reader.h"
 
@@ -93,12 +94,14 @@ write_back_entries(DeliveryUnit *unit)
 			continue;
 		entry->changed = false;
 
-		remaining = palloc(Max(entry->nkeys, 1) * sizeof(Datum));
+		remaining = palloc(Max(entry->nkeys + entry->nunserved, 1) * sizeof(Datum));
 		if (!entry->consumed)
 		{
 			for (int k = 0; k < entry->nkeys; k++)
 				if (!entry->key_consumed[k])
 					remaining[nremaining++] = CStringGetTextDatum(entry->keys[k]);
+			for (int k = 0; k < entry->nunserved; k++)
+				remaining[nremaining++] = CStringGetTextDatum(entry->unserved_keys[k]);
 		}
 
 		if (entry->consumed || nremaining == 0)
@@ -184,8 +187,12 @@ snapshot_accepted(DeliveryEvent *end)
 	 * resync queued since: a C-CDA document waiting behind the newer
 	 * snapshot request would otherwise wait for it forever.
 	 */
-	execute_or_fail("UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
-					" purged = false WHERE patient_id = $1 AND $2 IS NOT NULL",
+	execute_or_fail(end->items_follow
+					? "UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
+					" purged = false WHERE patient_id = $1 AND $2 IS NOT NULL"
+					: "UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
+					" purged = false, snapshot_seq = $2, snapshot_request = NULL"
+					" WHERE patient_id = $1",
 					2, types, values, NULL, SPI_OK_UPDATE);
 
 	sources = load_worker_sources();
@@ -214,7 +221,6 @@ snapshot_accepted(DeliveryEvent *end)
 													   SPI_tuptable->tupdesc, 1));
 		SPI_freetuptable(SPI_tuptable);
 
-		seq_fence_claim(end->patient_id);
 		insert_values[0] = CStringGetTextDatum(end->patient_id);
 		insert_values[1] = Int32GetDatum(source->source_id);
 		insert_values[2] = make_array(keys, nkeys, TEXTOID);
@@ -234,9 +240,34 @@ purge_accepted(DeliveryEvent *purge)
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(purge->patient_id)};
 
-	execute_or_fail("UPDATE portal_sync.enrollment SET purged = true, snapshot_accepted_at = NULL"
-					" WHERE patient_id = $1",
+	execute_or_fail("UPDATE portal_sync.enrollment SET purged = true, snapshot_accepted_at = NULL,"
+					" snapshot_request = NULL WHERE patient_id = $1",
 					1, types, values, NULL, SPI_OK_UPDATE);
+}
+
+/*
+ * After the purge of an unenroll() request was accepted: the enrollment
+ * ends.  The patient's enrollment requests queued before it go, and so do
+ * resyncs of the patient; an enrollment request queued after it stays, and
+ * enrolls the patient again.  Changes the unit did not see (held, or
+ * committed late) stay: they are served later for a patient who is not
+ * enrolled (insurance and the chart's effect on it flow, the rest goes
+ * silently).  Every backend's cached "enrolled" is dropped at this commit
+ * (enroll.c).
+ */
+static void
+enrollment_ended(DeliveryEvent *purge)
+{
+	Oid			types[2] = {TEXTOID, INT8OID};
+	Datum		values[2] = {CStringGetTextDatum(purge->patient_id),
+	Int64GetDatum(purge->ends_enrollment)};
+
+	execute_or_fail("DELETE FROM portal_sync.enrollment WHERE patient_id = $1",
+					1, types, values, NULL, SPI_OK_DELETE);
+	execute_or_fail("DELETE FROM portal_sync.outbox o WHERE o.patient_id = $1"
+					" AND (o.op = 's' OR (o.op = 'e' AND o.seq < $2))",
+					2, types, values, NULL, SPI_OK_DELETE);
+	CacheInvalidateRelcacheByRelid(portal_sync_relid("enrollment"));
 }
 
 /*
@@ -271,6 +302,13 @@ record_batch_result(DeliveryUnit *unit, int first, int count,
 		{
 			insert_dead_letter(event);
 			apply_consumption(unit, event);
+			/*
+			 * unenroll() stops the flow even if the portal refused the
+			 * purge: the dead letter says the portal may still hold the
+			 * record, and retry_dead_letters() sends the purge again.
+			 */
+			if (event->op == EVENT_PURGE && event->ends_enrollment > 0)
+				enrollment_ended(event);
 		}
 		else if (accepted)
 		{
@@ -280,6 +318,8 @@ record_batch_result(DeliveryUnit *unit, int first, int count,
 				snapshot_accepted(event);
 				snapshot_done = true;
 			}
+			else if (event->op == EVENT_PURGE && event->ends_enrollment > 0)
+				enrollment_ended(event);
 			else if (event->op == EVENT_PURGE)
 				purge_accepted(event);
 		}

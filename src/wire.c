@@ -214,35 +214,67 @@ batch_body_read(BatchBody *body, char *buffer, size_t size)
 }
 
 /*
- * The events a 2xx answer rejects: {"rejected":[{"event_id":..,"reason":..}]}.
- * Anything else in the body, or a body that is not JSON, rejects nothing.
+ * White space between JSON tokens.
  */
-List *
-parse_rejected_list(const char *body, size_t len)
+static bool
+is_json_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/*
+ * Read a 2xx answer: an empty body (or only white space) accepts the whole
+ * batch, a JSON object accepts it but for the events of its "rejected"
+ * list ({"rejected":[{"event_id":..,"reason":..}]}, returned in *rejected).
+ * Anything else (HTML from a proxy, a JSON array, a cut-off object) is not
+ * an answer of the portal: returns false, and the batch counts as not
+ * accepted.
+ */
+bool
+parse_answer_body(const char *body, size_t len, List **rejected_events)
 {
 	json_tokener *tokener;
 	json_object *root;
 	json_object *rejected;
-	List	   *result = NIL;
+	size_t		start = 0;
+	bool		is_object;
 
-	if (len == 0)
-		return NIL;
+	*rejected_events = NIL;
+	while (start < len && is_json_space(body[start]))
+		start++;
+	if (start == len)
+		return true;
+	if (len > (size_t) INT_MAX)
+		return false;
 
 	tokener = json_tokener_new_ex(32);
 	if (tokener == NULL)
-		return NIL;
-	root = json_tokener_parse_ex(tokener, body, (int) Min(len, (size_t) INT_MAX));
-	if (json_tokener_get_error(tokener) != json_tokener_success)
+		return false;
+	root = json_tokener_parse_ex(tokener, body, (int) len);
+	if (root != NULL && json_tokener_get_error(tokener) == json_tokener_success)
 	{
-		if (root != NULL)
+		/* one value, then only white space */
+		size_t		end = json_tokener_get_parse_end(tokener);
+
+		while (end < len && is_json_space(body[end]))
+			end++;
+		if (end != len)
+		{
 			json_object_put(root);
+			root = NULL;
+		}
+	}
+	else if (root != NULL)
+	{
+		json_object_put(root);
 		root = NULL;
 	}
 	json_tokener_free(tokener);
 	if (root == NULL)
-		return NIL;
+		return false;
 
-	if (json_object_is_type(root, json_type_object) &&
+	is_object = json_object_is_type(root, json_type_object);
+	if (is_object &&
 		json_object_object_get_ex(root, "rejected", &rejected) &&
 		json_object_is_type(rejected, json_type_array))
 	{
@@ -264,9 +296,9 @@ parse_rejected_list(const char *body, size_t len)
 			if (json_object_object_get_ex(item, "reason", &reason) &&
 				json_object_is_type(reason, json_type_string))
 				entry->reason = pnstrdup(json_object_get_string(reason), MAX_REASON_LEN);
-			result = lappend(result, entry);
+			*rejected_events = lappend(*rejected_events, entry);
 		}
 	}
 	json_object_put(root);
-	return result;
+	return is_object;
 }

@@ -40,11 +40,14 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "storage/lmgr.h"
+#include "access/xlog.h"
 #include "utils/timestamp.h"
 
 #include "delivery.h"
-#include "seq_fence.h"
 #include "shared_state.h"
+#include "string_map.h"
 
 /* How often an idle worker looks at the outbox without being woken. */
 #define SWEEP_INTERVAL_MS			5000
@@ -53,13 +56,21 @@
 #define COMMIT_LINGER_US			2000
 
 /* How long to wait when the head of the outbox must wait. */
-#define BLOCKED_RETRY_MS			100
+#define BLOCKED_RETRY_MS			20
 
 /* First delay after a failure; doubled per failure up to retry_max_delay. */
 #define FIRST_RETRY_DELAY_MS		1000
 
 /* Most bytes of the portal's answer kept as a dead letter's reason. */
 #define MAX_REASON_BYTES			300
+
+/*
+ * Most events dead-lettered in a row, each alone and refused with the
+ * same status, before the worker backs off instead of dead-lettering the
+ * next one: a portal (or a proxy) that refuses everything with one status
+ * dead-letters a few events per backoff, not the whole backlog.
+ */
+#define REFUSALS_BEFORE_BACKOFF		3
 
 /* One POST of a unit: count events from first. */
 typedef struct Batch
@@ -78,6 +89,14 @@ typedef struct DeliveryState
 	List	   *split_stack;	/* of Batch *: halves still to send */
 	Batch	   *batch;			/* being sent (or retried) */
 	TimestampTz next_attempt_at;
+	FailedBatch *failed;		/* the last batch that failed, to retry as it was */
+	int			held_rounds;	/* units in a row that found everything held */
+	MemoryContext accepted_context; /* holds accepted_snapshot_events */
+	HTAB	   *accepted_snapshot_events;	/* of the unit's open snapshots */
+	TimestampTz settle_at;		/* next look at enrollment requests */
+	bool		pass_progress;	/* this pass over the outbox sent or consumed */
+	int			pass_held;		/* entries it held */
+	bool		woken;			/* by a commit, since the last step */
 	char	   *token;
 	SharingSettings settings;
 	double		resync_tokens;	/* snapshots resync_all may start now */
@@ -85,9 +104,17 @@ typedef struct DeliveryState
 	bool		resync_pending; /* the resync queue was not empty */
 	TimestampTz resync_checked_at;
 	TimestampTz housekeeping_at;
+	int			refusals_in_row;	/* events dead-lettered alone in a row */
+	int			refusal_status; /* ... each with this HTTP status */
 } DeliveryState;
 
 static WorkerSlot *my_slot = NULL;
+
+/*
+ * The body of the portal's answer being acted upon (malloc'd: no memory
+ * context frees it), for the step's error handler to free.
+ */
+static char *answer_body_in_hand = NULL;
 static pg_prng_state backoff_prng;
 
 /* Memory of one step of work; reset after each step. */
@@ -117,12 +144,16 @@ worker_state_name(WorkerState state)
 			return "running";
 		case WORKER_IDLE:
 			return "idle";
+		case WORKER_WAITING:
+			return "waiting";
 		case WORKER_BACKING_OFF:
 			return "backing_off";
 		case WORKER_DISABLED:
 			return "disabled";
 		case WORKER_UNCONFIGURED:
 			return "unconfigured";
+		case WORKER_NEEDS_ADOPTION:
+			return "needs_adoption";
 		case WORKER_NOT_RUNNING:
 			break;
 	}
@@ -205,15 +236,35 @@ end_work(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+/* The extension instance this worker serves, and its outbox. */
+static Oid	bound_extension = InvalidOid;
+static Oid	bound_outbox = InvalidOid;
+
 /*
- * Exit quietly if the extension was dropped from this database.  The
- * caller is in a transaction.
+ * Exit quietly unless the extension instance this worker started with is
+ * still installed.  The caller is in a transaction, and about to touch the
+ * extension's tables: the outbox is locked first, so the instance cannot
+ * be dropped (nor replaced by a new one, whose seqs start again at 1)
+ * before the transaction ends.  The first call binds the worker.
  */
 static void
 exit_if_extension_dropped(void)
 {
-	if (OidIsValid(get_extension_oid("portal_sync", true)))
-		return;
+	Oid			extension = get_extension_oid("portal_sync", true);
+
+	if (OidIsValid(extension) && !OidIsValid(bound_extension))
+	{
+		bound_extension = extension;
+		bound_outbox = portal_sync_relid("outbox");
+	}
+	if (OidIsValid(extension) && extension == bound_extension)
+	{
+		LockRelationOid(bound_outbox, RowExclusiveLock);
+		/* dropped while we waited for the lock? */
+		if (get_extension_oid("portal_sync", true) == bound_extension &&
+			SearchSysCacheExists1(RELOID, ObjectIdGetDatum(bound_outbox)))
+			return;
+	}
 
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->extension_missing = true;
@@ -277,6 +328,57 @@ forget_unit(DeliveryState *delivery)
 }
 
 /*
+ * Forget the batch kept for an unchanged retry.
+ */
+static void
+forget_failed_batch(DeliveryState *delivery)
+{
+	FailedBatch *failed = delivery->failed;
+
+	if (failed == NULL)
+		return;
+	for (int i = 0; i < failed->count; i++)
+	{
+		pfree(failed->event_ids[i]);
+	}
+	if (failed->event_ids != NULL)
+		pfree(failed->event_ids);
+	if (failed->seqs != NULL)
+		pfree(failed->seqs);
+	pfree(failed);
+	delivery->failed = NULL;
+}
+
+/*
+ * A batch failed in a way that is retried: remember what it sent, so
+ * that if the rebuilt unit starts with the same events (same ids: same
+ * content) they are sent as the same body, with the same batch_id.  The
+ * unit is rebuilt in any case: rows may have changed, the rules too.
+ */
+static void
+remember_failed_batch(DeliveryState *delivery, const char *batch_id,
+					  int first, int count)
+{
+	FailedBatch *failed;
+
+	forget_failed_batch(delivery);
+	failed = MemoryContextAllocZero(TopMemoryContext, sizeof(FailedBatch));
+	failed->count = count;
+	strlcpy(failed->batch_id, batch_id, sizeof(failed->batch_id));
+	strlcpy(failed->practice_id, delivery->settings.practice_id, sizeof(failed->practice_id));
+	failed->event_ids = MemoryContextAlloc(TopMemoryContext, Max(count, 1) * sizeof(char *));
+	failed->seqs = MemoryContextAlloc(TopMemoryContext, Max(count, 1) * sizeof(int64));
+	for (int i = 0; i < count; i++)
+	{
+		DeliveryEvent *event = list_nth(delivery->unit->events, first + i);
+
+		failed->event_ids[i] = MemoryContextStrdup(TopMemoryContext, event->event_id);
+		failed->seqs[i] = event->seq;
+	}
+	delivery->failed = failed;
+}
+
+/*
  * Move patients from the resync queue to the outbox as snapshot requests,
  * at most portal_sync.resync_rate per second (a token bucket), so that a
  * practice-wide resync leaves room for incremental updates.
@@ -306,21 +408,16 @@ promote_resyncs(DeliveryState *delivery)
 	values[0] = Int32GetDatum(budget);
 	begin_work("portal_sync: starting resync snapshots");
 	exit_if_extension_dropped();
-	seq_fence_claim(NULL);
 	if (SPI_execute_with_args("WITH due AS ("
 							  "  DELETE FROM portal_sync.resync_queue WHERE patient_id IN ("
 							  "    SELECT patient_id FROM portal_sync.resync_queue"
 							  "    ORDER BY requested_at, patient_id LIMIT $1 FOR UPDATE SKIP LOCKED)"
 							  "  RETURNING patient_id),"
-							  " resync AS ("
-							  "  UPDATE portal_sync.enrollment e"
-							  "  SET snapshot_seq = pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
-							  "      snapshot_requested_at = pg_catalog.now()"
-							  "  FROM due WHERE e.patient_id = due.patient_id"
-							  "  RETURNING e.patient_id, e.snapshot_seq),"
 							  " queued AS ("
 							  "  INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
-							  "  SELECT snapshot_seq, patient_id, NULL, 's', NULL, pg_catalog.now() FROM resync"
+							  "  SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+							  "         e.patient_id, NULL, 's', NULL, pg_catalog.now()"
+							  "  FROM portal_sync.enrollment e JOIN due ON due.patient_id = e.patient_id"
 							  "  RETURNING 1)"
 							  " SELECT (SELECT pg_catalog.count(*) FROM due),"
 							  "        (SELECT pg_catalog.count(*) FROM portal_sync.resync_queue)",
@@ -370,16 +467,73 @@ housekeeping(DeliveryState *delivery)
 	end_work();
 }
 
+/* What building a unit came to. */
+typedef enum UnitOutcome
+{
+	UNIT_TO_SEND,				/* events to send */
+	UNIT_READ_ON,				/* nothing to send here; read on at once */
+	UNIT_HELD,					/* everything pending is held back */
+	UNIT_NOTHING,				/* nothing pending */
+	UNIT_DISABLED				/* delivery disabled in the settings */
+} UnitOutcome;
+
 /*
- * Build the next unit.  Returns false if there is nothing to send.
+ * Publish what holds events back, for portal_sync.status and explain().
  */
-static bool
-start_next_unit(DeliveryState *delivery, bool *blocked)
+static void
+publish_hold_reason(DeliveryUnit *unit)
+{
+	char		reason[WORKER_ERROR_LEN];
+
+	snapshot_waits_describe(reason, sizeof(reason));
+	if (reason[0] == '\0' && unit->held > 0)
+		strlcpy(reason, "C-CDA documents wait until their patient's snapshot is accepted by the portal",
+				sizeof(reason));
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	strlcpy(my_slot->hold_reason, reason, WORKER_ERROR_LEN);
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * Settle the enrollment requests ('e' entries) that have no enrollment row
+ * yet, also while delivery cannot run (no endpoint, disabled): the
+ * patients are enrolled from then on, and resync_all() covers them.  The
+ * worker is the only writer of new enrollment rows: nobody waits.  Their
+ * snapshots are served by the units, with the waits of snapshot_wait.c.
+ */
+static void
+settle_enrollment_requests(DeliveryState *delivery, bool woken)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (!woken && now < delivery->settle_at)
+		return;
+	delivery->settle_at = TimestampTzPlusMilliseconds(now, 1000);
+
+	begin_work("portal_sync: settling enrollments");
+	exit_if_extension_dropped();
+	if (SPI_execute("INSERT INTO portal_sync.enrollment AS e"
+					" (patient_id, enrolled_at, enrolled_by, snapshot_seq, snapshot_requested_at)"
+					" SELECT DISTINCT ON (r.patient_id) r.patient_id, r.captured_at,"
+					"        COALESCE(r.keys[1], 'unknown'), r.seq, r.captured_at"
+					" FROM portal_sync.outbox r"
+					" WHERE r.op = 'e' AND NOT EXISTS (SELECT 1 FROM portal_sync.enrollment x"
+					"                                 WHERE x.patient_id = r.patient_id)"
+					" ORDER BY r.patient_id, r.seq"
+					" ON CONFLICT (patient_id) DO NOTHING", false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "settling enrollment requests failed");
+	end_work();
+}
+
+/*
+ * Build the next unit.
+ */
+static UnitOutcome
+start_next_unit(DeliveryState *delivery)
 {
 	MemoryContext context;
 	DeliveryUnit *unit;
-
-	*blocked = false;
+	UnitOutcome outcome;
 
 	/*
 	 * The unit's context belongs to the step until the unit is built: an
@@ -396,30 +550,68 @@ start_next_unit(DeliveryState *delivery, bool *blocked)
 		read_sharing_settings(&delivery->settings);
 		MemoryContextSwitchTo(oldcontext);
 	}
+	if (strcmp(delivery->settings.database_identity, database_identity()) != 0)
+	{
+		end_work();
+		MemoryContextDelete(context);
+		report_problem(WORKER_NEEDS_ADOPTION,
+					   "this database is a copy of the one its portal_sync stream belongs to"
+					   " (CREATE DATABASE ... TEMPLATE, or a restore): it captures but does not"
+					   " deliver until a superuser calls portal_sync.adopt()");
+		return UNIT_DISABLED;
+	}
 	if (!delivery->settings.enabled)
 	{
 		end_work();
 		MemoryContextDelete(context);
 		report_problem(WORKER_DISABLED, "delivery is disabled in portal_sync.settings");
-		return false;
+		return UNIT_DISABLED;
 	}
-	unit = build_delivery_unit(&delivery->settings, portal_sync_batch_size, context);
+	unit = build_delivery_unit(&delivery->settings, portal_sync_batch_size,
+							   (size_t) portal_sync_max_batch_bytes * 1024, context,
+							   delivery->failed, delivery->accepted_snapshot_events);
 	record_silent_consumption(unit);
 	end_work();
+	forget_failed_batch(delivery);
 
 	/* settings strings live in the unit's context, which outlives the step */
 	MemoryContextSetParent(context, TopMemoryContext);
 	delivery->unit = unit;
 	delivery->cursor = 0;
-	*blocked = unit->blocked;
-	if (list_length(unit->events) == 0)
+	publish_hold_reason(unit);
+	if (list_length(unit->events) > 0)
 	{
-		bool		more = unit->more_pending && !unit->blocked;
-
-		forget_unit(delivery);
-		return more;
+		/*
+		 * The seqs just taken must survive a crash before the portal sees
+		 * them (the worker commits asynchronously): a seq taken again after
+		 * a crash would go backwards.
+		 */
+		XLogFlush(GetXLogInsertRecPtr());
+		delivery->pass_progress = true;
+		return UNIT_TO_SEND;
 	}
-	return true;
+
+	/*
+	 * A pass reads the outbox from its start to its end, unit by unit.
+	 * Only a whole pass that sent and consumed nothing means there is
+	 * nothing to do now: then everything pending is held, or nothing is.
+	 */
+	if (unit->from_start)
+	{
+		delivery->pass_progress = false;
+		delivery->pass_held = 0;
+	}
+	delivery->pass_progress |= unit->silent > 0;
+	delivery->pass_held += unit->held;
+	if (!unit->wrapped || delivery->pass_progress)
+		outcome = UNIT_READ_ON;	/* read on, or start a new pass */
+	else if (delivery->pass_held > 0)
+		outcome = UNIT_HELD;
+	else
+		outcome = UNIT_NOTHING;
+	unit_finished(unit);
+	forget_unit(delivery);
+	return outcome;
 }
 
 /*
@@ -449,7 +641,15 @@ next_batch(DeliveryState *delivery)
 			return NULL;
 		batch = MemoryContextAllocZero(unit->context, sizeof(Batch));
 		batch->first = delivery->cursor;
-		while (delivery->cursor < total && batch->count < portal_sync_batch_size)
+		if (delivery->cursor == 0 && unit->reused > 0)
+		{
+			/* the failed batch again, the same bytes under the same id */
+			batch->count = unit->reused;
+			delivery->cursor = unit->reused;
+			strlcpy(batch->batch_id, unit->reused_batch_id, sizeof(batch->batch_id));
+		}
+		while (batch->batch_id[0] == '\0' && delivery->cursor < total &&
+			   batch->count < portal_sync_batch_size)
 		{
 			DeliveryEvent *event = list_nth(unit->events, delivery->cursor);
 
@@ -461,10 +661,13 @@ next_batch(DeliveryState *delivery)
 		}
 	}
 
-	if (!pg_strong_random(random_id, sizeof(random_id)))
-		elog(ERROR, "could not generate a batch id");
-	hex_encode((char *) random_id, sizeof(random_id), batch->batch_id);
-	batch->batch_id[32] = '\0';
+	if (batch->batch_id[0] == '\0')
+	{
+		if (!pg_strong_random(random_id, sizeof(random_id)))
+			elog(ERROR, "could not generate a batch id");
+		hex_encode((char *) random_id, sizeof(random_id), batch->batch_id);
+		batch->batch_id[32] = '\0';
+	}
 	{
 		MemoryContext oldcontext = MemoryContextSwitchTo(unit->context);
 
@@ -502,7 +705,7 @@ split_batch(DeliveryState *delivery, Batch *batch)
 static char *
 answer_reason(HttpResult *result)
 {
-	if (result->body.len == 0)
+	if (result->body.len == 0 || result->body.incomplete)
 		return psprintf("HTTP %d", result->status);
 	return pnstrdup(result->body.data, Min(result->body.len, MAX_REASON_BYTES));
 }
@@ -528,11 +731,12 @@ record_answer(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
 }
 
 /*
- * After a failed attempt: wait longer each time, with jitter, or as long
- * as the portal's Retry-After says.
+ * After a failed attempt: wait longer each time, with jitter, and at least
+ * as long as the portal's Retry-After says (retry_after_ms, -1: none), but
+ * never longer than retry_max_delay.
  */
 static void
-back_off(DeliveryState *delivery, HttpResult *result, const char *error, bool auth)
+back_off(DeliveryState *delivery, int64 retry_after_ms, const char *error, bool auth)
 {
 	int			failures;
 	int64		delay;
@@ -547,8 +751,8 @@ back_off(DeliveryState *delivery, HttpResult *result, const char *error, bool au
 		delay *= 2;
 	delay = Min(delay, (int64) portal_sync_retry_max_delay);
 	delay = delay / 2 + (int64) pg_prng_uint64_range(&backoff_prng, 0, (uint64) delay / 2);
-	if (result->retry_after_ms >= 0)
-		delay = result->retry_after_ms;
+	if (retry_after_ms > delay)
+		delay = Min(retry_after_ms, (int64) portal_sync_retry_max_delay);
 
 	delivery->next_attempt_at = TimestampTzPlusMilliseconds(now, delay);
 
@@ -577,13 +781,73 @@ note_success(int delivered)
 }
 
 /*
+ * Remember the events of snapshots the portal accepted in this batch, for
+ * a unit built again after a later batch fails: the portal holds those
+ * snapshots open and need not get their accepted events again.  Before a
+ * batch goes out, its snapshot items are noted as sent ("sent|" + id):
+ * the portal may have applied them, answer or not (see finish_events);
+ * so are purges ("purge|" + patient): a lost answer may hide an applied one.
+ */
+static void
+note_snapshot_events(DeliveryState *delivery, Batch *batch, bool accepted)
+{
+	MemoryContext oldcontext;
+
+	if (delivery->accepted_context == NULL)
+		delivery->accepted_context = AllocSetContextCreate(TopMemoryContext,
+														   "portal_sync accepted snapshot events",
+														   ALLOCSET_SMALL_SIZES);
+	oldcontext = MemoryContextSwitchTo(delivery->accepted_context);
+	if (delivery->accepted_snapshot_events == NULL)
+		delivery->accepted_snapshot_events =
+			string_map_create("portal_sync accepted snapshot events", sizeof(char *),
+							  delivery->accepted_context);
+	for (int i = batch->first; i < batch->first + batch->count; i++)
+	{
+		DeliveryEvent *event = list_nth(delivery->unit->events, i);
+		char	   *id = NULL;
+		bool		found;
+
+		if (event->dead)
+			continue;
+		if (!accepted)
+		{
+			if (event->op == EVENT_UPSERT && event->shares_seq)
+				id = psprintf("sent|%s", event->event_id);
+			/* the portal may apply a purge whose answer is lost */
+			else if (event->op == EVENT_PURGE)
+				id = psprintf("purge|%s", event->patient_id);
+		}
+		else if (event->op == EVENT_SNAPSHOT_BEGIN)
+			id = psprintf("%s|" INT64_FORMAT, event->patient_id, event->seq);
+		else if (event->op == EVENT_UPSERT && event->shares_seq)
+			id = pstrdup(event->event_id);
+		if (id != NULL)
+			(void) string_map_enter(delivery->accepted_snapshot_events, id, &found);
+	}
+	MemoryContextSwitchTo(oldcontext);
+}
+
+/*
+ * The unit is done: no snapshot of it is open at the portal any more.
+ */
+static void
+forget_accepted_snapshot_events(DeliveryState *delivery)
+{
+	if (delivery->accepted_context != NULL)
+		MemoryContextDelete(delivery->accepted_context);
+	delivery->accepted_context = NULL;
+	delivery->accepted_snapshot_events = NULL;
+}
+
+/*
  * Mark the events of a 2xx answer's "rejected" list dead; returns how many
  * of the batch's events were accepted.
  */
 static int
-apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result)
+apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result,
+					List *rejected)
 {
-	List	   *rejected = parse_rejected_list(result->body.data, result->body.len);
 	int			accepted = batch->count;
 	ListCell   *lc;
 
@@ -609,6 +873,21 @@ apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result)
 }
 
 /*
+ * A batch was not accepted, and nothing of it is dead-lettered: record
+ * the answer, back off, and build the unit again for the retry (the rows
+ * may change meanwhile).
+ */
+static void
+retry_batch_later(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
+				  int status, int64 retry_after_ms, const char *error, bool auth)
+{
+	record_answer(delivery, batch, sent_at, status, false);
+	back_off(delivery, retry_after_ms, error, auth);
+	remember_failed_batch(delivery, batch->batch_id, batch->first, batch->count);
+	forget_unit(delivery);
+}
+
+/*
  * POST the current batch and act on the answer.
  */
 static void
@@ -619,6 +898,7 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 	HttpResult	result;
 	TimestampTz sent_at = GetCurrentTimestamp();
 	int			status;
+	List	   *rejected = NIL;
 
 	set_state(WORKER_RUNNING);
 	request.endpoint = endpoint;
@@ -629,38 +909,57 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 	request.body = &batch->body;
 
 	pgstat_report_activity(STATE_RUNNING, "portal_sync: sending a batch");
+	note_snapshot_events(delivery, batch, false);
 	http_post(&request, &result);
+	answer_body_in_hand = result.body.data;
 	pgstat_report_activity(STATE_IDLE, NULL);
 	CHECK_FOR_INTERRUPTS();
 	status = result.status;
 
-	if (status >= 200 && status < 300)
+	if (status >= 200 && status < 300 &&
+		!result.body.incomplete &&
+		parse_answer_body(result.body.data, result.body.len, &rejected))
 	{
-		int			accepted = apply_rejected_list(delivery, batch, &result);
+		int			accepted = apply_rejected_list(delivery, batch, &result, rejected);
 
 		record_answer(delivery, batch, sent_at, status, true);
 		note_success(accepted);
+		note_snapshot_events(delivery, batch, true);
+		delivery->refusals_in_row = 0;
 		delivery->batch = NULL;
 	}
+	else if (status >= 200 && status < 300)
+		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+						  psprintf("the portal answered HTTP %d with a body that %s: not accepted",
+								   status, result.body.incomplete
+								   ? "could not be read whole" : "is not a JSON object"),
+						  false);
 	else if (status == 401 || status == 403)
-	{
-		record_answer(delivery, batch, sent_at, status, false);
-		back_off(delivery, &result,
-				 psprintf("authentication failed: the portal answered HTTP %d", status), true);
-		/* the retry reads the rows again: they may have changed meanwhile */
-		forget_unit(delivery);
-	}
+		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+						  psprintf("authentication failed: the portal answered HTTP %d", status),
+						  true);
+	else if ((status >= 300 && status < 400) || status == 404 || status == 405 ||
+			 status == 410)
+		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+						  psprintf("the endpoint looks misconfigured: the portal answered HTTP %d%s; check portal_sync.endpoint",
+								   status, status < 400 ? " (redirects are not followed)" : ""),
+						  false);
 	else if (status == 0 || status == 408 || status == 425 || status == 429 ||
-			 status >= 500 || status < 200 || (status >= 300 && status < 400))
+			 status >= 500 || status < 200)
+		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+						  status == 0
+						  ? psprintf("request failed: %s", result.transport_error)
+						  : psprintf("the portal answered HTTP %d", status),
+						  false);
+	else if (batch->count == 1 && delivery->refusals_in_row >= REFUSALS_BEFORE_BACKOFF &&
+			 delivery->refusal_status == status)
 	{
-		char	   *error = status == 0
-			? psprintf("request failed: %s", result.transport_error)
-			: psprintf("the portal answered HTTP %d", status);
-
-		record_answer(delivery, batch, sent_at, status, false);
-		back_off(delivery, &result, error, false);
-		/* the retry reads the rows again: they may have changed meanwhile */
-		forget_unit(delivery);
+		/* the breaker: the portal refuses everything, not this event */
+		delivery->refusals_in_row = 0;
+		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+						  psprintf("the portal refused %d events in a row, each alone, with HTTP %d: backing off before dead-lettering more",
+								   REFUSALS_BEFORE_BACKOFF, status),
+						  false);
 	}
 	else if (batch->count == 1)
 	{
@@ -670,7 +969,12 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 		event->dead_status = status;
 		event->dead_reason = MemoryContextStrdup(delivery->unit->context, answer_reason(&result));
 		record_answer(delivery, batch, sent_at, status, false);
-		note_success(0);
+		/* not a success: the breaker's backoff keeps growing */
+		set_state(WORKER_RUNNING);
+		if (delivery->refusal_status != status)
+			delivery->refusals_in_row = 0;
+		delivery->refusal_status = status;
+		delivery->refusals_in_row++;
 		delivery->batch = NULL;
 	}
 	else
@@ -680,7 +984,8 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 		split_batch(delivery, batch);
 		delivery->batch = NULL;
 	}
-	pfree(result.body.data);
+	answer_body_in_hand = NULL;
+	http_result_free(&result);
 }
 
 /*
@@ -691,6 +996,9 @@ delivery_step(DeliveryState *delivery)
 {
 	const char *reason;
 	TimestampTz now = GetCurrentTimestamp();
+
+	settle_enrollment_requests(delivery, delivery->woken);
+	delivery->woken = false;
 
 	if (portal_sync_endpoint == NULL || portal_sync_endpoint[0] == '\0')
 	{
@@ -708,32 +1016,38 @@ delivery_step(DeliveryState *delivery)
 
 	if (delivery->unit == NULL)
 	{
-		bool		blocked;
-
 		housekeeping(delivery);
 		promote_resyncs(delivery);
-		if (!start_next_unit(delivery, &blocked))
+		switch (start_next_unit(delivery))
 		{
-			LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
-			if (my_slot->state != WORKER_DISABLED)
-				my_slot->state = WORKER_IDLE;
-			LWLockRelease(portal_sync_shared->lock);
-			if (blocked || delivery->resync_pending)
-				return BLOCKED_RETRY_MS;
-			return SWEEP_INTERVAL_MS;
+			case UNIT_TO_SEND:
+				delivery->held_rounds = 0;
+				break;
+			case UNIT_READ_ON:
+				return 0;
+			case UNIT_HELD:
+				/* woken at every commit; else look again, less often */
+				set_state(WORKER_WAITING);
+				delivery->held_rounds = Min(delivery->held_rounds + 1, 6);
+				return BLOCKED_RETRY_MS << (delivery->held_rounds - 1);
+			case UNIT_NOTHING:
+				delivery->held_rounds = 0;
+				set_state(WORKER_IDLE);
+				return delivery->resync_pending ? BLOCKED_RETRY_MS : SWEEP_INTERVAL_MS;
+			case UNIT_DISABLED:
+				return SWEEP_INTERVAL_MS;
 		}
-		if (delivery->unit == NULL)
-			return 0;
 	}
 
 	if (delivery->batch == NULL)
 		delivery->batch = next_batch(delivery);
 	if (delivery->batch == NULL)
 	{
-		bool		blocked = delivery->unit->blocked;
-
+		/* every batch of the unit was answered */
+		unit_finished(delivery->unit);
 		forget_unit(delivery);
-		return blocked ? BLOCKED_RETRY_MS : 0;
+		forget_accepted_snapshot_events(delivery);
+		return 0;
 	}
 
 	send_batch(delivery, portal_sync_endpoint);
@@ -778,7 +1092,6 @@ guarded_delivery_step(DeliveryState *delivery)
 	{
 		ErrorData  *error;
 		char		message[WORKER_ERROR_LEN];
-		HttpResult	no_answer;
 
 		MemoryContextSwitchTo(context);
 		error = CopyErrorData();
@@ -788,6 +1101,8 @@ guarded_delivery_step(DeliveryState *delivery)
 		/* an abort leaves TopMemoryContext current */
 		MemoryContextSwitchTo(context);
 		pgstat_report_activity(STATE_IDLE, NULL);
+		free(answer_body_in_hand);
+		answer_body_in_hand = NULL;
 
 		if (error->sqlerrcode == ERRCODE_QUERY_CANCELED ||
 			error->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN)
@@ -804,9 +1119,7 @@ guarded_delivery_step(DeliveryState *delivery)
 		FreeErrorData(error);
 
 		forget_unit(delivery);
-		memset(&no_answer, 0, sizeof(no_answer));
-		no_answer.retry_after_ms = -1;
-		back_off(delivery, &no_answer, message, false);
+		back_off(delivery, -1, message, false);
 		sleep_ms = 0;
 	}
 	PG_END_TRY();
@@ -849,6 +1162,20 @@ portal_sync_worker_main(Datum arg)
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
+	/*
+	 * Settings a DBA gives the database (ALTER DATABASE … SET) are meant
+	 * for the EHR's sessions and apply here too.  The worker writes in
+	 * every step, waits for nobody but the transactions it must, and its
+	 * unit reads need a new snapshot per statement (read committed): each
+	 * of these would otherwise stop it or make it restart in a loop.
+	 */
+	SetConfigOption("default_transaction_read_only", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_deferrable", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("statement_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("lock_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("idle_in_transaction_session_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->pid = MyProcPid;
 	my_slot->latch = MyLatch;
@@ -857,6 +1184,14 @@ portal_sync_worker_main(Datum arg)
 	my_slot->next_attempt_at = 0;
 	LWLockRelease(portal_sync_shared->lock);
 	before_shmem_exit(worker_detach, (Datum) 0);
+
+	/*
+	 * A command that needs the database without connections (DROP
+	 * DATABASE...) may have begun while this worker started, before its
+	 * pid could be signalled: step aside, the launcher starts it again.
+	 */
+	if (database_is_paused(MyDatabaseId))
+		proc_exit(0);
 
 	/* A database without the extension: say so and leave. */
 	begin_work("portal_sync: starting");
@@ -876,7 +1211,6 @@ portal_sync_worker_main(Datum arg)
 
 	pg_prng_seed(&backoff_prng, (uint64) MyProcPid ^ (uint64) GetCurrentTimestamp());
 	memset(&delivery, 0, sizeof(delivery));
-	forget_snapshot_horizons();
 	http_init();
 	(void) load_token(&delivery);
 	step_context = AllocSetContextCreate(TopMemoryContext, "portal_sync step",
@@ -897,6 +1231,7 @@ portal_sync_worker_main(Datum arg)
 		{
 			/* woken by a commit: resync_all() may have queued work */
 			delivery.resync_checked_at = 0;
+			delivery.woken = true;
 
 			/*
 			 * Linger a moment so that the commits of the next milliseconds

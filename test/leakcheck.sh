@@ -167,7 +167,7 @@ SELECT '<?xml version="1.0" encoding="UTF-8"?>' || E'\n'
 	|| string_agg(format('<entry><observation classCode="OBS" moodCode="EVN"><id root="%s"/>'
 						 '<code code="8302-2" codeSystem="2.16.840.1.113883.6.1"/>'
 						 '<value xsi:type="PQ" value="%s" unit="cm"/></observation></entry>',
-						 md5((r * 10000000 + g)::text), lpad((g % 1000)::text, 4, '0')), E'\n')
+						 md5((r::bigint * 10000000 + g)::text), lpad((g % 1000)::text, 4, '0')), E'\n')
 	|| E'\n</ClinicalDocument>\n'
 FROM generate_series(1, ceil(mb * 1048576.0 / 213)::int) g
 $$;
@@ -317,6 +317,7 @@ sub answers_since
 
 my @phases;
 my ($total_events, $total_dead) = (0, 0);
+my $bigdocs_secs = 0;
 
 # One phase: the portal's rules, the C-CDA document, the events (with the
 # fault's special rows among them), the drain, idle_s seconds idle, checks.
@@ -343,22 +344,27 @@ sub run_phase
 	}
 	else
 	{
-		# A share_when that fails on one row: reading the unit (the new
-		# document, then that row) fails with SQLSTATE 22012 at each try,
-		# until the rule is attached again without it.
+		# A share_when that fails on one row (SQLSTATE 22012): that row is
+		# read again alone in a subtransaction and withheld (sent as a
+		# delete), counted in rule_errors; the rest of the unit (the new
+		# document) flows.  Attached again without the rule, the row is
+		# sent once it changes.
+		my $errors0 = ps_status($node, $db)->{rule_errors};
 		$node->safe_psql($db, qq{SELECT portal_sync.attach('ehr.immunization', 'clinical', 'patient_id',
 				date_col => 'administered_on', privacy_col => 'privacy_level',
 				share_when => '(100 / (dose_number - 99)) IS NOT NULL');
 			BEGIN;
 			UPDATE ehr.ccda_document SET document = leakcheck.document($p, $doc_mb) WHERE doc_id = 1;
-			INSERT INTO ehr.immunization (patient_id, vaccine, dose_number, administered_on)
-			VALUES (2, 'DTaP', 99, date '2024-06-01');
+			INSERT INTO ehr.immunization (patient_id, vaccine, dose_number, administered_on, lot_number)
+			VALUES (2, 'DTaP', 99, date '2024-06-01', 'lc-rule-error-$p');
 			COMMIT;});
 		$events++;
-		ok(ps_wait_until(sub { ps_status($node, $db)->{consecutive_failures} >= 3 }, 'failed reads'),
-			"$label: reading the unit failed 3 times");
-		$node->safe_psql($db, q{SELECT portal_sync.attach('ehr.immunization', 'clinical', 'patient_id',
-				date_col => 'administered_on', privacy_col => 'privacy_level')});
+		ok(ps_wait_until(sub { ps_status($node, $db)->{rule_errors} > $errors0 }, 'a rule error'),
+			"$label: the rule failed on one row, counted in rule_errors");
+		$node->safe_psql($db, qq{SELECT portal_sync.attach('ehr.immunization', 'clinical', 'patient_id',
+				date_col => 'administered_on', privacy_col => 'privacy_level');
+			UPDATE ehr.immunization SET site = 'left arm' WHERE lot_number = 'lc-rule-error-$p'});
+		$events++;
 	}
 	$events++;
 	my @special = @{ $f->{special} || [] };
@@ -425,6 +431,28 @@ for my $p (1 .. $nphases)
 		doc => 'update',
 		events => $p == $nphases ? $nevents - $per_phase * ($nphases - 1) : $per_phase);
 }
+# Large documents (SPEC 5: memory bounded by bytes): 200 documents of
+# 1 MB, then 20 of 10 MB, all of one patient, each batch of them sent
+# while the worker's RssAnon is sampled.
+{
+	my $c0 = counters();
+	my $tt = time();
+	set_phase('bigdocs:busy');
+	$portal->mode({ mode => 'ok' });
+	$node->safe_psql($db, q{INSERT INTO ehr.ccda_document (doc_id, patient_id, document)
+		SELECT 100000 + g, 1, leakcheck.document(1000 + g, 1) FROM generate_series(1, 200) g});
+	ok(ps_wait_drained($node, $db, 600), 'large documents: 200 x 1 MB drained');
+	$node->safe_psql($db, q{INSERT INTO ehr.ccda_document (doc_id, patient_id, document)
+		SELECT 200000 + g, 1, leakcheck.document(2000 + g, 10) FROM generate_series(1, 20) g});
+	ok(ps_wait_drained($node, $db, 600), 'large documents: 20 x 10 MB drained');
+	my $c1 = counters();
+	is($c1->{delivered_total} - $c0->{delivered_total}, 220, 'large documents: all 220 accepted');
+	$total_events += 220;
+	$bigdocs_secs = time() - $tt;
+	set_phase('bigdocs:idle');
+	sleep($idle_s);
+}
+
 my $run_secs = time() - $t_run;
 set_phase('end:idle');
 sleep(1);
@@ -483,6 +511,8 @@ for my $ph (@phases)
 report(sprintf('%-6s %-5s %7s %5s %5s %6s %9s %9s %8s %8s %8.1f %8.1f', 'end', '', '', '', '', '',
 	mib(peak('end', 0)), mib(idle('end')), mib(peak('end', 1)), mib(peak('end', 2)),
 	$ctx_end->{used} / 1024, $ctx_end->{top} / 1024));
+report(sprintf('%-6s %-5s %7d %5d %5.1f %6s %9s %9s %8s %8s', 'bigdoc', 'ok', 220, 0, $bigdocs_secs, '',
+	mib(peak('bigdocs', 0)), mib(idle('bigdocs')), mib(peak('bigdocs', 1)), mib(peak('bigdocs', 2))));
 report(sprintf('run: %.0f s, %d events (%d dead-lettered); load average now %s', $run_secs, $total_events,
 	$total_dead, join(' ', (split ' ', PostgreSQL::Test::Utils::slurp_file('/proc/loadavg'))[0 .. 2])));
 
@@ -504,6 +534,9 @@ report(sprintf('peaks  highest RssAnon of %s - of %s: %+.1f MiB (tolerance %s Mi
 	$range->(@first), $peaks / 1024, mib(2 * $tol_kb)));
 report(sprintf('palloc context bytes used at the end - after %s: %+.1f kB (tolerance %.0f kB)', $drain[0],
 	$palloc / 1024, $ctx_tol / 1024));
+cmp_ok(peak('bigdocs', 0), '<=', 64 * 1024,
+	'RssAnon stays within 64 MiB while 200 x 1 MB and 20 x 10 MB documents of one patient are sent ('
+	  . mib(peak('bigdocs', 0)) . ' MiB at most)');
 my $flat = ok($end <= $tol_kb, 'RssAnon at the end as after phase 1');
 $flat &= ok($trend <= $tol_kb, 'idle RssAnon of the later phases as of the earlier ones');
 $flat &= ok($peaks <= 2 * $tol_kb, 'peak RssAnon of the later phases as of the earlier ones');

@@ -7,7 +7,8 @@
  * marker), key and the row JSON (any bytes: the worker splices it).
  * Invariants: no crash or leak; every read delivers exactly total_len
  * bytes; a rewind gives the same bytes again; with rows that are valid
- * JSON the body is valid JSON.
+ * JSON and text that is valid UTF-8 (a UTF8 database holds no other) the
+ * body is valid JSON.
  */
 #include "postgres.h"
 
@@ -17,6 +18,48 @@
 #include "pg_shim.h"
 
 int			LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/*
+ * Is the input valid UTF-8 (shortest forms, no surrogates)?  Text of a
+ * UTF8 database always is; json-c's parser refuses anything else.
+ */
+static bool
+valid_utf8(const uint8_t *s, size_t len)
+{
+	size_t		i = 0;
+
+	while (i < len)
+	{
+		uint8_t		c = s[i];
+		int			n;
+		uint32_t	cp;
+
+		if (c < 0x80)
+		{
+			i++;
+			continue;
+		}
+		else if ((c & 0xE0) == 0xC0)
+			n = 1, cp = c & 0x1F;
+		else if ((c & 0xF0) == 0xE0)
+			n = 2, cp = c & 0x0F;
+		else if ((c & 0xF8) == 0xF0)
+			n = 3, cp = c & 0x07;
+		else
+			return false;
+		for (int k = 1; k <= n; k++)
+		{
+			if (i + k >= len || (s[i + k] & 0xC0) != 0x80)
+				return false;
+			cp = (cp << 6) | (s[i + k] & 0x3F);
+		}
+		if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+			cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+			return false;
+		i += n + 1;
+	}
+	return true;
+}
 
 static char *
 next_field(const char **p, const char *end)
@@ -75,6 +118,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (memchr(data, '\0', size) != NULL)
 		return 0;				/* text columns hold no NUL */
+	if (!valid_utf8(data, size))
+		rows_valid = false;		/* no JSON to expect; the rest still holds */
 	sizes = next_field(&p, end);
 	batch_id = next_field(&p, end);
 	practice_id = next_field(&p, end);
@@ -102,9 +147,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				row = NULL;
 			else
 			{
-				/* valid only if the whole text is one JSON value */
+				/*
+				 * valid only if the whole text is one JSON value, by the
+				 * standard: json-c's default mode also takes comments and
+				 * leading zeros, which PostgreSQL's JSON output never has
+				 */
 				json_tokener *tok = json_tokener_new();
-				json_object *o = json_tokener_parse_ex(tok, row, (int) strlen(row) + 1);
+				json_object *o;
+
+				json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+				o = json_tokener_parse_ex(tok, row, (int) strlen(row) + 1);
 
 				if (o == NULL || json_tokener_get_error(tok) != json_tokener_success ||
 					json_tokener_get_parse_end(tok) < strlen(row))
@@ -139,7 +191,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (rows_valid)
 	{
 		json_tokener *tok = json_tokener_new();
-		json_object *o = json_tokener_parse_ex(tok, first, (int) len1);
+		json_object *o;
+
+		json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+		o = json_tokener_parse_ex(tok, first, (int) len1);
 
 		if (o == NULL || json_tokener_get_error(tok) != json_tokener_success ||
 			!json_object_is_type(o, json_type_object) ||

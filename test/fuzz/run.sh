@@ -4,7 +4,7 @@
 # test/fuzz/pg_shim.c, against its seed corpus test/fuzz/corpus/<target>/.
 #
 #   bash test/fuzz/run.sh                 # every target, FUZZ_SECONDS each
-#   FUZZ_SECONDS=3600 bash test/fuzz/run.sh fuzz_rejected   # a long run
+#   FUZZ_SECONDS=3600 bash test/fuzz/run.sh fuzz_answer_body   # a long run
 #
 # Exit 0 only if every target ran its time without a finding (crash,
 # sanitizer report, leak, timeout, out-of-memory).  Findings are kept as
@@ -26,7 +26,7 @@ OUT=${FUZZ_DIR:-/var/tmp/portal_sync-fuzz}
 CLANG=${CLANG:-$(command -v clang-14 || command -v clang)}
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 JOBS=${FUZZ_JOBS:-1}
-ALL=(fuzz_rejected fuzz_retry_after fuzz_endpoint fuzz_batch_body)
+ALL=(fuzz_answer_body fuzz_endpoint fuzz_batch_body)
 TARGETS=("$@")
 [ "${#TARGETS[@]}" -gt 0 ] || TARGETS=("${ALL[@]}")
 
@@ -36,12 +36,11 @@ CFLAGS=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=all -Wall -Werror -Wno-unused-parameter -Wno-ignored-attributes -D_GNU_SOURCE)
 
 declare -A SOURCES=(
-	[fuzz_rejected]="$HERE/fuzz_rejected.c $SRC/wire.c"
-	[fuzz_retry_after]="$HERE/fuzz_retry_after.c $SRC/wire.c"
+	[fuzz_answer_body]="$HERE/fuzz_answer_body.c $SRC/wire.c"
 	[fuzz_endpoint]="$HERE/fuzz_endpoint.c $SRC/http.c $SRC/wire.c"
 	[fuzz_batch_body]="$HERE/fuzz_batch_body.c $SRC/wire.c"
 )
-declare -A MAXLEN=([fuzz_rejected]=65536 [fuzz_retry_after]=256 [fuzz_endpoint]=512 [fuzz_batch_body]=4096)
+declare -A MAXLEN=([fuzz_answer_body]=65536 [fuzz_endpoint]=512 [fuzz_batch_body]=4096)
 
 rc=0
 for t in "${TARGETS[@]}"; do

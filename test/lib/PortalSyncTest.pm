@@ -157,11 +157,15 @@ CREATE SCHEMA pstest;
 -- row of every attached source passing the date cutoff, the privacy level,
 -- its share_when and the chart's privacy; insurance rows of every patient
 -- (chart rule included).
+CREATE TYPE pstest.item_key AS (p text, k text);
 CREATE FUNCTION pstest.expected_items()
 RETURNS TABLE(patient_id text, source text, key text)
 LANGUAGE plpgsql AS $fn$
 DECLARE
 	s record;
+	r record;
+	found pstest.item_key[];
+	one_row pstest.item_key[];
 	st record;
 	chart record;
 	q text;
@@ -181,7 +185,9 @@ BEGIN
 							 s.privacy_col, st.max_privacy_level);
 		END IF;
 		IF s.share_when IS NOT NULL THEN
-			q := q || format(' AND coalesce((%s), false)', s.share_when);
+			-- $1: the one row to look at when the rule fails on some row
+			q := q || format(' AND CASE WHEN $1 IS NULL OR t.%I::text = $1 THEN coalesce((%s), false) END',
+							 s.key_col, s.share_when);
 		END IF;
 		IF s.kind <> 'insurance' THEN
 			q := q || format(' AND EXISTS (SELECT 1 FROM portal_sync.patients e'
@@ -198,7 +204,24 @@ BEGIN
 								 chart.source, chart.patient_col, s.patient_col);
 			END IF;
 		END IF;
-		RETURN QUERY EXECUTE format('SELECT x.p, %L::text, x.k FROM (%s) x(p, k)', s.name, q);
+		BEGIN
+			EXECUTE format('SELECT array_agg(ROW(x.p, x.k)::pstest.item_key) FROM (%s) x(p, k)', q)
+				INTO found USING NULL::text;
+		EXCEPTION WHEN OTHERS THEN
+			-- share_when fails on some row (SPEC 4): that row is not
+			-- shareable; the others are, row by row
+			found := NULL;
+			FOR r IN EXECUTE format('SELECT t.%I::text AS k FROM %s t', s.key_col, s.source) LOOP
+				BEGIN
+					EXECUTE format('SELECT array_agg(ROW(x.p, x.k)::pstest.item_key) FROM (%s) x(p, k)', q)
+						INTO one_row USING r.k;
+					found := found || one_row;
+				EXCEPTION WHEN OTHERS THEN
+					NULL;
+				END;
+			END LOOP;
+		END;
+		RETURN QUERY SELECT f.p, s.name::text, f.k FROM unnest(found) f;
 	END LOOP;
 END
 $fn$;
@@ -583,8 +606,10 @@ sub ps_check_portal_invariants
 		snapshot_violations protocol_errors))
 	{
 		my $list = $state->{$what} || [];
-		$all &= ok(!@$list, "$name: no $what")
-		  or diag($JSON->encode([ @$list[ 0 .. ($#$list > 5 ? 5 : $#$list) ] ]));
+		my $ok = ok(!@$list, "$name: no $what");
+		diag($JSON->encode([ @$list[ 0 .. ($#$list > 5 ? 5 : $#$list) ] ]))
+		  unless $ok;
+		$all &&= $ok;
 	}
 	return $all;
 }
@@ -731,7 +756,14 @@ sub ps_check_send_order
 			{
 				$res = 1;
 			}
-			$resolved_at{ $ev->{event_id} } //= $r->{n} if $res;
+			# seqs are taken when a batch is built (SPEC 5): an event sent
+			# again after a failure may carry another seq; the one that
+			# counts is the seq under which it was resolved
+			if ($res && !defined $resolved_at{ $ev->{event_id} })
+			{
+				$resolved_at{ $ev->{event_id} } = $r->{n};
+				$info{ $ev->{event_id} } = [ "$r->{practice_id}/$ev->{patient_id}", $ev->{seq} ];
+			}
 		}
 	}
 	# patient => [[seq, resolved_at], ...]
@@ -771,32 +803,36 @@ sub ps_check_send_order
 
 =head2 ps_check_event_ids_stable(requests, name)
 
-A change resent (retries, crashes) keeps its event_id: one event_id per
-(practice, patient, seq, op, source, key), and one such tuple per event_id.
+Event identity follows content (SPEC 5): every time an event_id is sent,
+it carries the same content (everything but its seq, which is taken again
+when a batch is rebuilt), so a portal that dedupes by event_id never keeps
+an older content in place of a newer one; and a batch_id sent twice names
+the very same body.
 
 =cut
 
 sub ps_check_event_ids_stable
 {
 	my ($reqs, $name) = @_;
-	my (%ids, %tuples);
+	my (%contents, %bodies);
 	for my $r (@$reqs)
 	{
-		for my $ev (@{ $r->{events} })
+		my @evs = @{ $r->{events} || [] };
+		for my $i (0 .. $#evs)
 		{
-			my $t = join('|',
-				map { $_ // '' } $r->{practice_id}, $ev->{patient_id},
-				$ev->{seq}, $ev->{op}, $ev->{source}, $ev->{key});
-			$ids{$t}{ $ev->{event_id} } = 1;
-			$tuples{ $ev->{event_id} }{$t} = 1;
+			my $digest = ($r->{event_digests} || [])->[$i] // '';
+			$contents{ $evs[$i]{event_id} // '' }{ "$r->{practice_id}|$digest" } = 1;
 		}
+		$bodies{ $r->{batch_id} // '' }{ $r->{body_sha} // '' } = 1
+		  if defined $r->{batch_id};
 	}
-	my @bad = grep { keys %{ $ids{$_} } > 1 } sort keys %ids;
-	my @bad2 = grep { keys %{ $tuples{$_} } > 1 } sort keys %tuples;
-	ok(!@bad, "$name: a resent change keeps its event_id")
-	  or diag('several event_ids for: ' . join('; ', @bad[ 0 .. ($#bad > 10 ? 10 : $#bad) ]));
-	ok(!@bad2, "$name: an event_id names one change")
-	  or diag('event_id reused for several changes: '
+	my @bad = grep { keys %{ $contents{$_} } > 1 } sort keys %contents;
+	my @bad2 = grep { keys %{ $bodies{$_} } > 1 } sort keys %bodies;
+	ok(!@bad, "$name: an event_id always carries the same content")
+	  or diag('event_id sent with several contents: '
+		  . join('; ', @bad[ 0 .. ($#bad > 10 ? 10 : $#bad) ]));
+	ok(!@bad2, "$name: a batch_id always names the same body")
+	  or diag('batch_id sent with several bodies: '
 		  . join('; ', @bad2[ 0 .. ($#bad2 > 10 ? 10 : $#bad2) ]));
 	return !@bad && !@bad2;
 }
@@ -907,9 +943,10 @@ sub ps_check_accepted_once
 		"$name: the portal applied each accepted event_id once");
 	unless ($opt{resends})
 	{
-		$ok &= ok(!@twice, "$name: no event_id accepted twice")
+		ok(!@twice, "$name: no event_id accepted twice")
 		  or diag(scalar(@twice) . ' event_ids accepted again, e.g. '
-			  . join(' ', @twice[ 0 .. ($#twice > 5 ? 5 : $#twice) ]));
+			  . join(' ', @twice[ 0 .. ($#twice > 5 ? 5 : $#twice) ]))
+		  or $ok = 0;
 	}
 	else
 	{
@@ -949,8 +986,9 @@ sub ps_check_settled
 	$ok &= ps_check_sent_shareable($node, $db, $portal, $opt{since}, $name)
 	  if defined $opt{since};
 	my $dl = ps_dead_letters($node, $db);
-	$ok &= is(scalar @$dl, $opt{dead_letters} // 0, "$name: dead letters")
-	  or diag(explain $dl);
+	is(scalar @$dl, $opt{dead_letters} // 0, "$name: dead letters")
+	  or diag(explain $dl)
+	  or $ok = 0;
 	return $ok;
 }
 
@@ -1050,7 +1088,9 @@ sub url
 {
 	my ($self) = @_;
 	my $scheme = $self->{opt}{tls_cert} ? 'https' : 'http';
-	return "$scheme://127.0.0.1:$self->{port}";
+	my $host = $self->{opt}{host} // '127.0.0.1';
+	$host = '127.0.0.1' if $host eq '0.0.0.0';    # listening everywhere
+	return "$scheme://$host:$self->{port}";
 }
 
 sub _ctl

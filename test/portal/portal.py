@@ -28,11 +28,15 @@ Control API (JSON in, JSON out):
         {"mode": "status", "status": 500, "count": 3}        then back to ok
         {"mode": "status", "status": 429, "retry_after": "2"}
         {"mode": "status", "status": 401}                    forever
+        {"mode": "status", "status": 200, "raw_body": "<html>.."}  a body
+                                    sent as it is (not applied)
+        {"mode": "status", "status": 302, "headers": {"Location": ".."}}
         {"mode": "reject_event", "match": {"key": "123"}}    400 to batches
                                     holding a matching event (status: other 4xx)
         {"mode": "rejected_list", "match": {...}, "reason": "..."}
                                     200 + {"rejected":[...]} for matching
                                     events, the rest is applied
+                                    ("reason_bytes": N pads each reason)
         {"mode": "hang", "seconds": 5, "apply": true}        sleep, then
                                     answer 200 (and apply unless apply=false)
         {"mode": "delay", "seconds": 0.2}                    sleep, then go on
@@ -54,6 +58,7 @@ Control API (JSON in, JSON out):
 """
 
 import argparse
+import hashlib
 import decimal
 import json
 import random
@@ -277,7 +282,10 @@ class Portal:
                         dict(where, previous_seq=p['last_seq']))
                 else:
                     p['last_seq'] = seq
-            if p['purged'] and op in ('upsert', 'delete'):
+            # insurance flows for patients who are not enrolled: after an
+            # unenroll()'s purge it is sent again
+            if p['purged'] and op in ('upsert', 'delete') and \
+                    kind != 'insurance':
                 self.purge_violations.append(
                     dict(where, problem='item event for a purged patient '
                          'before its next snapshot'))
@@ -340,12 +348,15 @@ class Portal:
             if m == 'ok':
                 decided = ('answer', 200, {}, {}, set(), 0, True)
             elif m == 'status':
-                hdrs = {}
+                hdrs = dict(r.get('headers') or {})
                 if r.get('retry_after') is not None:
                     hdrs['Retry-After'] = str(r['retry_after'])
+                body = r.get('body', {'error': 'status mode'})
+                if r.get('raw_body') is not None:
+                    body = str(r['raw_body'])
+                    hdrs.setdefault('Content-Type', 'text/html')
                 decided = ('answer', int(r.get('status', 500)), hdrs,
-                           r.get('body', {'error': 'status mode'}), set(), 0,
-                           False)
+                           body, set(), 0, False)
             elif m == 'reject_event':
                 if any(self.event_matches(ev, r.get('match'))
                        for ev in events if isinstance(ev, dict)):
@@ -357,6 +368,8 @@ class Portal:
                        self.event_matches(ev, r.get('match'))]
                 if rej:
                     reason = r.get('reason', 'rejected by the test portal')
+                    if r.get('reason_bytes'):
+                        reason = (reason + ' ' + 'x' * int(r['reason_bytes']))[:int(r['reason_bytes'])]
                     decided = ('answer', 200, {},
                                {'rejected': [{'event_id': e, 'reason': reason}
                                              for e in rej]},
@@ -468,11 +481,17 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def answer(self, status, obj, extra=None):
-        raw = jdump(obj).encode() if obj is not None else b''
+        """Answer obj as JSON, or a str as it is (raw_body)."""
+        extra = dict(extra or {})
+        if isinstance(obj, str):
+            raw = obj.encode()
+        else:
+            raw = jdump(obj).encode() if obj is not None else b''
         self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Type',
+                         extra.pop('Content-Type', 'application/json'))
         self.send_header('Content-Length', str(len(raw)))
-        for k, v in (extra or {}).items():
+        for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
         if raw:
@@ -577,6 +596,13 @@ class Handler(BaseHTTPRequestHandler):
                 'practice_id': body.get('practice_id') if isinstance(body, dict) else None,
                 'events': [ev if isinstance(ev, dict) else {'bad': True}
                            for ev in events],
+                # what identifies the content: the body as sent, and
+                # each event as it would be sent again (all but seq)
+                'body_sha': hashlib.sha256(raw).hexdigest(),
+                'event_digests': [
+                    hashlib.sha256(jdump({k: v for k, v in sorted(ev.items())
+                                          if k != 'seq'}).encode()).hexdigest()
+                    if isinstance(ev, dict) else None for ev in events],
                 'status': None, 'rule': None, 'rejected': [],
             }
             portal.requests.append(summary)

@@ -122,14 +122,15 @@ if ($begin)
 	}
 }
 
-# Wire format.
+# Wire format.  The User-Agent names the extension's version.
+my $extversion = $node->safe_psql($db, "SELECT extversion FROM pg_extension WHERE extname = 'portal_sync'");
 my @bad_hdr;
 for my $r (@$reqs)
 {
 	push @bad_hdr, "request $r->{n}: Authorization sent without a token"
 	  if defined $r->{headers}{Authorization};
 	push @bad_hdr, "request $r->{n}: User-Agent $r->{headers}{'User-Agent'}"
-	  unless ($r->{headers}{'User-Agent'} // '') =~ m{^portal_sync/1\.0};
+	  unless ($r->{headers}{'User-Agent'} // '') =~ m{^portal_sync/\Q$extversion\E(?:\s|$)};
 	push @bad_hdr, "request $r->{n}: path $r->{path}" unless $r->{path} eq '/events';
 	push @bad_hdr, "request $r->{n}: practice_id $r->{practice_id}"
 	  unless ($r->{practice_id} // '') eq $db;

@@ -98,7 +98,7 @@ my $explain = eval { ps_sql_json($node, $db, q{SELECT * FROM portal_sync.explain
 diag("explain failed: $@") if $@;
 my @steps;
 for (map { $_->{step} } @$explain) { push @steps, $_ unless @steps && $steps[-1] eq $_ }
-is(join(',', @steps), 'enrolled,chart,snapshot,pending,dead_letters,withheld,worker',
+is(join(',', @steps), 'enrolled,chart,snapshot,pending,dead_letters,withheld,capture,worker',
 	'explain: one row per step, in order');
 my ($wstep) = grep { $_->{step} eq 'worker' } @$explain;
 ok($wstep && !$wstep->{ok} && ($wstep->{detail} // '') =~ /500/, 'explain: worker step shows the failure')
@@ -120,6 +120,8 @@ no_dead_letters('500 forever');
 ps_compare_state($node, $db, $portal, 'after an outage of 500s');
 
 # ---------------------------------------------------------------- 429 + Retry-After
+# Retry-After is honoured up to retry_max_delay (10 s here).
+ps_set_conf($node, 'portal_sync.retry_max_delay' => '10s');
 {
 	my $mark = nreq();
 	$portal->mode({ mode => 'status', status => 429, retry_after => '4', count => 1 });
@@ -128,7 +130,7 @@ ps_compare_state($node, $db, $portal, 'after an outage of 500s');
 	my $reqs = $portal->requests(since => $mark);
 	is($reqs->[0]{status}, 429, '429 answered');
 	my $gap = $reqs->[1]{time} - $reqs->[0]{answered_at};
-	cmp_ok($gap, '>=', 3.5, "Retry-After: 4 honoured (next attempt after ${gap}s) even above retry_max_delay");
+	cmp_ok($gap, '>=', 3.5, "Retry-After: 4 honoured (next attempt after ${gap}s)");
 	no_dead_letters('429');
 }
 # Retry-After as an HTTP-date, on a 503.
@@ -144,6 +146,22 @@ ps_compare_state($node, $db, $portal, 'after an outage of 500s');
 	cmp_ok($gap, '>=', 3.0, "Retry-After HTTP-date honoured (next attempt after ${gap}s)");
 	no_dead_letters('503 Retry-After date');
 }
+# A Retry-After of ten years, with retry_max_delay 3 s: the next attempt
+# comes after about 3 s, not after a day or a reload.
+ps_set_conf($node, 'portal_sync.retry_max_delay' => '3s');
+for my $retry_after ('315360000', POSIX::strftime('%a, %d %b %Y %H:%M:%S GMT', gmtime(time() + 315360000)))
+{
+	my $mark = nreq();
+	$portal->mode({ mode => 'status', status => 503, retry_after => $retry_after, count => 1 });
+	change();
+	ok(ps_wait_drained($node, $db, 30), "Retry-After '$retry_after' above retry_max_delay: drained");
+	my $reqs = $portal->requests(since => $mark);
+	my $gap = $reqs->[1]{time} - $reqs->[0]{answered_at};
+	cmp_ok($gap, '<', 6, "Retry-After '$retry_after' is cut to retry_max_delay (next attempt after ${gap}s)");
+	cmp_ok($gap, '>=', 2.5, "... and honoured up to it");
+	no_dead_letters('Retry-After above retry_max_delay');
+}
+ps_set_conf($node, 'portal_sync.retry_max_delay' => '2s');
 
 # ---------------------------------------------------------------- 401 / 403
 for my $status (401, 403)

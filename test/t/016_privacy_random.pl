@@ -33,7 +33,7 @@ use Test::More;
 
 my $seed = $ENV{PS_RANDOM_SEED} // (time() % 100000);
 my $rounds = $ENV{PS_RANDOM_ROUNDS} // 16;
-note("PS_RANDOM_SEED=$seed PS_RANDOM_ROUNDS=$rounds");
+diag("PS_RANDOM_SEED=$seed PS_RANDOM_ROUNDS=$rounds");
 srand($seed);
 
 my $portal = PortalSyncTest::Portal->start;

@@ -1,0 +1,70 @@
+
+# Copyright (c) 2026, portal_sync developers
+#
+# Units bounded by bytes (SPEC 5: rows read in pieces of about
+# max_batch_bytes): one statement inserting many large documents of one
+# patient makes one outbox entry with many keys, which is sent a few keys
+# at a time.
+#
+# 1. 60 documents of 256 kB for a ready patient, in one statement (with
+#    max_batch_bytes 1MB): all delivered, in several units.
+# 2. The same while the patient's snapshot waits for an open transaction:
+#    the entry is held, and must not keep every later unit on itself
+#    (another patient's change is delivered meanwhile; this looped on the
+#    first version of the byte bound).
+
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::RealBin/../lib";
+use PortalSyncTest;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $portal = PortalSyncTest::Portal->start;
+my $node = ps_new_node('rows_by_bytes', $portal, conf => q{
+portal_sync.max_batch_bytes = '1MB'
+});
+my $db = 'postgres';
+sub one { return $node->safe_psql($db, $_[0]) }
+
+one(q{SELECT pstest.make_patient(i, 1) FROM generate_series(1, 6) i;
+	  SELECT pstest.book(i) FROM generate_series(1, 4) i;});
+ok(ps_wait_drained($node, $db), 'initial drain');
+is(one(q{SELECT portal_sync.wait_ready('1', '30s')}), 't', 'patient 1 ready');
+
+# ---------------------------------------------------------------- 1
+my $mark = ps_nreq($portal);
+one(q{INSERT INTO ehr.ccda_document (patient_id, document)
+	  SELECT 1, repeat(md5(g::text), 8192) FROM generate_series(1, 60) g});
+ok(ps_wait_drained($node, $db, 120), '60 documents of 256 kB in one statement: drained');
+my $docs = ps_portal_items($portal, 'postgres')->{1}{ccda} || {};
+is(scalar keys %$docs, 60, 'all 60 documents are on the portal');
+my @reqs = grep { ($_->{status} // '') =~ /^2/ } @{ $portal->requests(since => $mark) };
+cmp_ok(scalar @reqs, '>=', 10, 'sent in pieces of about max_batch_bytes (' . scalar(@reqs) . ' requests)');
+cmp_ok((sort { $b <=> $a } map { $_->{bytes} } @reqs)[0], '<', 2 * 1024 * 1024, 'no request of 2 MB or more');
+
+# ---------------------------------------------------------------- 2
+my $open = $node->background_psql($db);
+$open->query_safe(q{BEGIN; UPDATE ehr.problem SET description = 'open' WHERE patient_id = 5});
+one(q{SELECT pstest.book(5)});
+one(q{INSERT INTO ehr.ccda_document (patient_id, document)
+	  SELECT 5, repeat(md5(g::text), 8192) FROM generate_series(1, 12) g});
+one(q{UPDATE ehr.medication SET dose = 'while 5 waits' WHERE patient_id = 2});
+ok(ps_wait_until(sub {
+			my $meds = ps_portal_items($portal, 'postgres')->{2}{medication} || {};
+			grep { ($_->{dose} // '') eq 'while 5 waits' } values %$meds;
+		}, 'patient 2 delivered', 30),
+	'another patient\'s change is delivered while the held entry of large documents waits');
+$open->query_safe(q{COMMIT});
+$open->quit;
+ok(ps_wait_drained($node, $db, 120), 'the transaction ended: drained');
+$docs = ps_portal_items($portal, 'postgres')->{5}{ccda} || {};
+is(scalar keys %$docs, 12, 'all 12 documents of patient 5 are on the portal');
+
+ps_check_settled($node, $db, $portal, 'at the end');
+
+$node->stop;
+$portal->stop;
+done_testing();
