@@ -11,7 +11,9 @@
  * and the launcher keeps it away for as long as the command runs; when the
  * command ends, successfully or not, the worker is started again at once.
  * A role that may not drop the database changes nothing: the command
- * fails on its own permission check, and delivery goes on.
+ * fails on its own permission check, and delivery goes on.  At the commit
+ * of any CREATE DATABASE the launcher looks for the new database at once,
+ * so that a copy's worker soon says that the copy needs adoption.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -21,6 +23,7 @@
 
 #include <signal.h>
 
+#include "access/xact.h"
 #include "commands/dbcommands.h"
 #include "commands/defrem.h"
 #include "miscadmin.h"
@@ -41,6 +44,9 @@
 #define DATABASE_PAUSE_LIMIT_MS	(10 * 60 * 1000)
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
+
+/* This transaction created a database: wake the launcher at commit. */
+static bool database_created = false;
 
 /*
  * The database a utility statement needs without connections, or
@@ -164,6 +170,37 @@ database_is_paused(Oid dboid)
 }
 
 /*
+ * At commit of a CREATE DATABASE, have the launcher look for the new
+ * database at once: its scan during the command could not see it yet, and
+ * a copy of a database with portal_sync must soon say that it needs
+ * adoption.
+ */
+static void
+start_worker_of_created_database(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT && database_created)
+		wake_launcher();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+		database_created = false;
+}
+
+/*
+ * Remember that a CREATE DATABASE ran, for its commit.
+ */
+static void
+note_database_created(void)
+{
+	static bool callback_registered = false;
+
+	if (!callback_registered)
+	{
+		RegisterXactCallback(start_worker_of_created_database, NULL);
+		callback_registered = true;
+	}
+	database_created = true;
+}
+
+/*
  * Run a utility statement the next hook or the server's own way.
  */
 static void
@@ -203,6 +240,8 @@ portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
 	{
 		run_utility(pstmt, queryString, readOnlyTree, context, params,
 					queryEnv, dest, qc);
+		if (portal_sync_shared != NULL && IsA(pstmt->utilityStmt, CreatedbStmt))
+			note_database_created();
 		return;
 	}
 
@@ -216,6 +255,8 @@ portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
 		end_pause(pause_index, dboid);
 	}
 	PG_END_TRY();
+	if (IsA(pstmt->utilityStmt, CreatedbStmt))
+		note_database_created();
 }
 
 /*

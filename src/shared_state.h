@@ -86,6 +86,7 @@ extern PortalSyncShared *portal_sync_shared;
 extern void shared_state_install_hooks(void);
 extern WorkerSlot *worker_slot_for_database(Oid dboid);
 extern void wake_worker_of_database(Oid dboid, bool always);
+extern void wake_launcher(void);
 extern void wake_launcher_for_database(Oid dboid);
 
 /* database_hook.c */

@@ -136,6 +136,21 @@ wake_worker_of_database(Oid dboid, bool always)
 }
 
 /*
+ * Wake the launcher: it scans pg_database again and starts the workers of
+ * databases it has not seen yet.
+ */
+void
+wake_launcher(void)
+{
+	if (portal_sync_shared == NULL)
+		return;
+	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
+	if (portal_sync_shared->launcher_latch != NULL)
+		SetLatch(portal_sync_shared->launcher_latch);
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
  * Wake the launcher, asking it to start this database's worker now.
  */
 void

@@ -65,6 +65,34 @@ ps_compare_state($node, $db, $portal, 'the original, with a copy beside it');
 	$node->safe_psql('template1', 'DROP DATABASE restored_db');
 }
 
+# A copy whose CREATE DATABASE commits late (here: its commit waits for a
+# synchronous standby that does not exist) is found at its commit, not at
+# the launcher's next periodic scan a minute later.  Nothing here writes
+# while the commit is held.
+{
+	# (a commit waits for a synchronous standby only where WAL senders may run)
+	$node->append_conf('postgresql.conf', "wal_level = replica\nmax_wal_senders = 2");
+	$node->restart;
+	$node->append_conf('postgresql.conf', "synchronous_standby_names = 'nobody'");
+	$node->reload;
+	my $creator = $node->background_psql('template1', on_error_stop => 0);
+	$creator->query_until(qr/creating/, "\\echo creating\nCREATE DATABASE copy_late TEMPLATE postgres;\n\\echo created\n");
+	# (a connection to the template waits for the command: ask template1)
+	ok(ps_wait_until(sub { $node->safe_psql('template1',
+			q{SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'}) eq '1' }, 'commit held', 30),
+		'the CREATE DATABASE waits at its commit')
+	  or diag($node->safe_psql('template1', q{SELECT string_agg(concat_ws(' ', backend_type, datname, state, wait_event_type, wait_event, query), E'\n') FROM pg_stat_activity}));
+	sleep(2);
+	$node->append_conf('postgresql.conf', "synchronous_standby_names = ''");
+	$node->reload;
+	$creator->query_until(qr/created/, '');
+	$creator->quit;
+	ok(ps_wait_until(sub { (ps_status($node, 'copy_late')->{state} // '') eq 'needs_adoption' },
+		'late copy needs_adoption', 30),
+		'a copy whose CREATE DATABASE committed late says needs_adoption soon after its commit');
+	$node->safe_psql('postgres', 'DROP DATABASE copy_late');
+}
+
 # A restart changes nothing: the original delivers with no action.
 $node->restart;
 one(q{UPDATE ehr.allergy SET reaction = 'after restart' WHERE patient_id <= 4});
