@@ -36,8 +36,13 @@ $portal->modes({ mode => 'hang', seconds => 4, apply => JSON::PP::true, count =>
 one(q{UPDATE ehr.patient SET privacy_level = 4 WHERE patient_id = 2});
 ok(ps_wait_until(sub { grep { $_->{rule} && $_->{rule} eq 'hang' } @{ $portal->requests(since => $mark) } },
 	'the purge is in flight', 30), 'the purge is sent, the portal hangs');
-one(q{UPDATE ehr.patient SET privacy_level = 0 WHERE patient_id = 2;
-	  UPDATE ehr.medication SET dose = 'after the purge' WHERE patient_id = 2});
+# One transaction (psql runs each statement of a script in its own): the
+# sent-data check below compares with the rows as they are now, which is
+# only what was sent if no snapshot can be read between the two updates.
+one(q{BEGIN;
+	  UPDATE ehr.patient SET privacy_level = 0 WHERE patient_id = 2;
+	  UPDATE ehr.medication SET dose = 'after the purge' WHERE patient_id = 2;
+	  COMMIT;});
 ok(ps_wait_drained($node, $db), 'drained');
 ps_check_settled($node, $db, $portal, 'after a lost purge answer', since => $mark, resends => 1);
 is($portal->state->{practices}{postgres}{patients}{2}{purged} ? 1 : 0, 0, 'patient 2 is not purged on the portal');
