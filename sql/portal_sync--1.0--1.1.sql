@@ -338,6 +338,11 @@ $$;
  */
 CREATE FUNCTION portal_sync.database_identity() RETURNS text
 	AS 'MODULE_PATHNAME', 'portal_sync_database_identity' LANGUAGE C STABLE STRICT;
+-- A patient id or key as the outbox and the wire write it, the same in
+-- every session (ISO dates, UTC, shortest exact floats, no numeric
+-- trailing zeros, no char(n) padding).
+CREATE FUNCTION portal_sync.value_text(anyelement) RETURNS text
+	AS 'MODULE_PATHNAME', 'portal_sync_value_text' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 ALTER TABLE portal_sync.installation
 	ADD COLUMN database_identity text NOT NULL DEFAULT portal_sync.database_identity();
 

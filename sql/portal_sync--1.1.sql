@@ -127,6 +127,11 @@ CREATE TABLE portal_sync.enrollment (
  */
 CREATE FUNCTION portal_sync.database_identity() RETURNS text
 	AS 'MODULE_PATHNAME', 'portal_sync_database_identity' LANGUAGE C STABLE STRICT;
+-- A patient id or key as the outbox and the wire write it, the same in
+-- every session (ISO dates, UTC, shortest exact floats, no numeric
+-- trailing zeros, no char(n) padding).
+CREATE FUNCTION portal_sync.value_text(anyelement) RETURNS text
+	AS 'MODULE_PATHNAME', 'portal_sync_value_text' LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 CREATE TABLE portal_sync.installation (
 	singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
 	install_id text NOT NULL DEFAULT pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', ''),

@@ -133,11 +133,11 @@ resync_insurance_of_unenrolled(void)
 		sql = psprintf("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
 					   " SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
 					   "        patient, $1, 'u', keys, pg_catalog.statement_timestamp()"
-					   " FROM (SELECT t.%s::pg_catalog.text AS patient,"
-					   "              pg_catalog.array_agg(t.%s::pg_catalog.text) AS keys"
+					   " FROM (SELECT portal_sync.value_text(t.%s) AS patient,"
+					   "              pg_catalog.array_agg(portal_sync.value_text(t.%s)) AS keys"
 					   "       FROM %s t WHERE t.%s IS NOT NULL AND t.%s IS NOT NULL"
 					   "       AND NOT EXISTS (SELECT 1 FROM portal_sync.enrollment e"
-					   "                       WHERE e.patient_id = t.%s::pg_catalog.text)"
+					   "                       WHERE e.patient_id = portal_sync.value_text(t.%s))"
 					   "       GROUP BY 1) unenrolled",
 					   patient, key,
 					   quote_qualified_identifier(SPI_getvalue(tuple, desc, 2),

@@ -359,6 +359,114 @@ check_single_chart(AttachRequest *req)
 }
 
 /*
+ * How a patient id type compares with others: ids of all sources are
+ * compared as values of the chart's type, so each source's ids must be
+ * values of that type too.  Integers rank by width; numeric, the text
+ * types and uuid are families of their own.  0: not a type an id can be
+ * compared exactly in (its text depends on settings, or it has no exact
+ * equality with the chart's).
+ */
+static int
+patient_type_rank(Oid base_type)
+{
+	switch (base_type)
+	{
+		case INT2OID:
+			return 1;
+		case INT4OID:
+			return 2;
+		case INT8OID:
+			return 3;
+		case NUMERICOID:
+			return 10;
+		case TEXTOID:
+		case VARCHAROID:
+		case BPCHAROID:
+			return 20;
+		case UUIDOID:
+			return 30;
+		default:
+			return 0;
+	}
+}
+
+/*
+ * Whether every patient id of a source of type "source" is a value of the
+ * chart's type "chart", with the same text.
+ */
+static bool
+patient_types_agree(Oid source, Oid chart)
+{
+	int			source_rank = patient_type_rank(source);
+	int			chart_rank = patient_type_rank(chart);
+
+	if (source_rank <= 3 && chart_rank <= 3)
+		return source_rank <= chart_rank;
+	return source_rank == chart_rank;
+}
+
+/*
+ * Refuse a patient column whose ids cannot be compared as values with the
+ * chart's: checked against the chart when a source is attached, and
+ * against every source when the chart is.
+ */
+static void
+check_patient_type(AttachRequest *req, Relation rel)
+{
+	Oid			type = column_base_type(rel, req->patient_attnum);
+	Oid			types[2] = {OIDOID, BOOLOID};
+	Datum		values[2] = {ObjectIdGetDatum(req->relid), BoolGetDatum(req->kind == SOURCE_PATIENT)};
+
+	if (patient_type_rank(type) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("patient_col \"%s\" is of type %s, which cannot identify a patient exactly",
+						get_attname(req->relid, req->patient_attnum, false), format_type_be(type)),
+				 errhint("Patient ids must be integer, numeric, text, varchar, char or uuid.")));
+
+	execute_with_args("SELECT s.relid::pg_catalog.regclass::pg_catalog.text, a.atttypid, s.kind = 'patient'"
+					  " FROM portal_sync.source s"
+					  " JOIN pg_catalog.pg_attribute a ON a.attrelid = s.relid AND a.attnum = s.patient_attnum"
+					  " WHERE s.relid <> $1 AND ($2 OR s.kind = 'patient')",
+					  2, types, values, NULL, SPI_OK_SELECT);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		bool		isnull;
+		Oid			other = getBaseType(DatumGetObjectId(SPI_getbinval(tuple, SPI_tuptable->tupdesc, 2, &isnull)));
+		bool		other_is_chart = DatumGetBool(SPI_getbinval(tuple, SPI_tuptable->tupdesc, 3, &isnull));
+		Oid			source_type = other_is_chart ? type : other;
+		Oid			chart_type = other_is_chart ? other : type;
+
+		if (!patient_types_agree(source_type, chart_type))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATATYPE_MISMATCH),
+					 errmsg("patient ids of type %s%s cannot be compared exactly with the chart's patient ids of type %s%s",
+							format_type_be(source_type),
+							other_is_chart ? "" : psprintf(" (%s)", SPI_getvalue(tuple, SPI_tuptable->tupdesc, 1)),
+							format_type_be(chart_type),
+							other_is_chart ? psprintf(" (%s)", SPI_getvalue(tuple, SPI_tuptable->tupdesc, 1)) : ""),
+					 errhint("Ids are compared as values of the chart's type: give every patient column that type, or a narrower integer type for an integer chart.")));
+	}
+}
+
+/*
+ * Refuse a key column whose text cannot be read back the same in every
+ * session.
+ */
+static void
+check_key_type(AttachRequest *req, Relation rel)
+{
+	Oid			type = column_base_type(rel, req->key_attnum);
+
+	if (type == CASHOID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("key_col \"%s\" is of type money, whose text depends on lc_monetary",
+						get_attname(req->relid, req->key_attnum, false))));
+}
+
+/*
  * Refuse a name that another attached table uses on the wire.
  */
 static void
@@ -533,6 +641,8 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 
 	check_name_is_free(&req);
 	check_single_chart(&req);
+	check_patient_type(&req, rel);
+	check_key_type(&req, rel);
 	store_source(&req);
 	drop_capture_triggers(req.relid, req.qualified_name);
 	create_capture_triggers(&req);

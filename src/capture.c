@@ -177,7 +177,7 @@ add_pending_key(CaptureState *state, PatientEntry *entry, bool moved_away,
 			pending->keys = repalloc(pending->keys, pending->maxkeys * sizeof(Datum));
 	}
 	pending->keys[pending->nkeys++] =
-		CStringGetTextDatum(OutputFunctionCall(&config->key_output, key));
+		CStringGetTextDatum(value_text(key, config->key_type, &config->key_output));
 	MemoryContextSwitchTo(oldcontext);
 	state->buffered_keys++;
 
@@ -214,7 +214,7 @@ row_patient(CaptureState *state, TupleTableSlot *slot)
 		hash_key = value;
 	else
 	{
-		patient_id = OutputFunctionCall(&config->patient_output, value);
+		patient_id = value_text(value, config->patient_type, &config->patient_output);
 		hash_key = CStringGetDatum(patient_id);
 	}
 
@@ -222,7 +222,7 @@ row_patient(CaptureState *state, TupleTableSlot *slot)
 	if (!found)
 	{
 		if (patient_id == NULL)
-			patient_id = OutputFunctionCall(&config->patient_output, value);
+			patient_id = value_text(value, config->patient_type, &config->patient_output);
 		entry->patient_id = MemoryContextStrdup(state->statement_context, patient_id);
 		if (!config->patient_byval)
 			entry->hash_key = CStringGetDatum(entry->patient_id);

@@ -495,20 +495,14 @@ patient_id_as_captured(const char *patient_id)
 		Oid			ioparam;
 		Oid			output;
 		bool		varlena;
+		FmgrInfo	output_info;
 		Datum		value;
 
 		getTypeInputInfo(type, &input, &ioparam);
 		getTypeOutputInfo(type, &output, &varlena);
+		fmgr_info(output, &output_info);
 		value = OidInputFunctionCall(input, (char *) patient_id, ioparam, -1);
-		result = OidOutputFunctionCall(output, value);
-	}
-	/* capture writes the column as text: char(n) loses its padding */
-	if (type == BPCHAROID)
-	{
-		size_t		len = strlen(result);
-
-		while (len > 0 && result[len - 1] == ' ')
-			result[--len] = '\0';
+		result = value_text(value, getBaseType(type), &output_info);
 	}
 	return result;
 }

@@ -75,6 +75,8 @@ typedef struct SourceConfig
 	bool		patient_byval;	/* patient column of a by-value type? */
 	bool		key_byval;
 	int16		key_typlen;
+	Oid			patient_type;	/* base types, for value_text() */
+	Oid			key_type;
 	FmgrInfo	patient_output;
 	FmgrInfo	key_output;
 	Expr	   *enroll_when;	/* planned expression, or NULL for "true" */
@@ -98,6 +100,11 @@ extern void outbox_writer_close(OutboxWriter *writer);
 extern int64 outbox_queue_request(const char *patient_id, char op, const char *note);
 extern void outbox_count_skipped(int32 source_id, int64 row_count);
 extern void outbox_note_queued(void);
+
+/* The text of ids and keys, the same in every session (value_text.c) */
+extern bool type_output_depends_on_settings(Oid base_type);
+extern bool type_needs_value_text(Oid base_type);
+extern char *value_text(Datum value, Oid base_type, FmgrInfo *output);
 
 /* copies.c */
 extern const char *database_identity(void);

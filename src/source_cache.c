@@ -233,11 +233,13 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 	getTypeOutputInfo(patient_type, &typoutput, &typisvarlena);
 	fmgr_info(typoutput, &config->patient_output);
 	config->patient_byval = get_typbyval(patient_type);
+	config->patient_type = getBaseType(patient_type);
 
 	key_type = get_atttype(config->relid, config->key_attnum);
 	getTypeOutputInfo(key_type, &typoutput, &typisvarlena);
 	fmgr_info(typoutput, &config->key_output);
 	get_typlenbyval(key_type, &config->key_typlen, &config->key_byval);
+	config->key_type = getBaseType(key_type);
 
 	value = heap_getattr(tuple, Anum_source_enroll_when, desc, &isnull);
 	config->enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));

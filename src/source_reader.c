@@ -27,6 +27,7 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 
@@ -109,6 +110,19 @@ row_json_sql(Datum column_names)
 }
 
 /*
+ * The SQL that writes column "column" of row t (already quoted) as capture
+ * wrote it into the outbox: through portal_sync.value_text() where the
+ * type's plain text is not the same in every session.
+ */
+static char *
+value_text_sql(const char *column, Oid type)
+{
+	if (type_needs_value_text(getBaseType(type)))
+		return psprintf("portal_sync.value_text(t.%s)", column);
+	return psprintf("t.%s::pg_catalog.text", column);
+}
+
+/*
  * Read the attached tables' settings and generate their statements, in
  * the current memory context.
  */
@@ -124,7 +138,11 @@ load_worker_sources(void)
 					  " da.attname, va.attname, pg_catalog.pg_get_expr(s.share_when, s.relid),"
 					  " ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a"
 					  "       WHERE a.attrelid = s.relid AND a.attnum > 0 AND NOT a.attisdropped"
-					  "       ORDER BY a.attnum)::pg_catalog.text[]"
+					  "       ORDER BY a.attnum)::pg_catalog.text[],"
+					  " pa.atttypid, ka.atttypid,"
+					  " (SELECT pg_catalog.format_type(ca.atttypid, NULL) FROM portal_sync.source cs"
+					  "  JOIN pg_catalog.pg_attribute ca ON ca.attrelid = cs.relid AND ca.attnum = cs.patient_attnum"
+					  "  WHERE cs.kind = 'patient')"
 					  " FROM portal_sync.source s"
 					  " JOIN pg_catalog.pg_class c ON c.oid = s.relid"
 					  " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
@@ -148,12 +166,20 @@ load_worker_sources(void)
 													 SPI_getvalue(tuple, desc, 5));
 		const char *patient_col = quote_identifier(SPI_getvalue(tuple, desc, 6));
 		char	   *patient_type = SPI_getvalue(tuple, desc, 7);
+		char	   *chart_patient_type = SPI_getvalue(tuple, desc, 16);
 		const char *key_col = quote_identifier(SPI_getvalue(tuple, desc, 8));
 		char	   *key_type = SPI_getvalue(tuple, desc, 9);
 		char	   *date_col = SPI_getvalue(tuple, desc, 10);
 		char	   *privacy_col = SPI_getvalue(tuple, desc, 11);
 		char	   *shareable = shareable_sql(date_col, privacy_col, SPI_getvalue(tuple, desc, 12));
 		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull));
+
+		/* a patient id is a value of the chart's type (attach checks it) */
+		char	   *id_type = chart_patient_type ? chart_patient_type : patient_type;
+		char	   *patient_text = value_text_sql(patient_col,
+												  DatumGetObjectId(SPI_getbinval(tuple, desc, 14, &isnull)));
+		char	   *key_text = value_text_sql(key_col,
+											  DatumGetObjectId(SPI_getbinval(tuple, desc, 15, &isnull)));
 
 		source->source_id = pg_strtoint32(SPI_getvalue(tuple, desc, 1));
 		source->kind_name = kind;
@@ -162,32 +188,32 @@ load_worker_sources(void)
 		source->name = SPI_getvalue(tuple, desc, 3);
 
 		source->rows_by_key_sql =
-			psprintf("SELECT t.%s::pg_catalog.text, t.%s::pg_catalog.text, %s,"
+			psprintf("SELECT %s, %s, %s,"
 					 " CASE WHEN %s THEN %s END"
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
-					 key_col, patient_col, shareable, shareable, row_json,
+					 key_text, patient_text, shareable, shareable, row_json,
 					 rel, key_col, key_type);
 		source->snapshot_sql =
-			psprintf("SELECT t.%s::pg_catalog.text, %s"
+			psprintf("SELECT %s, %s"
 					 " FROM %s t WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
-					 key_col, row_json, rel, patient_col, patient_type, shareable, key_col);
+					 key_text, row_json, rel, patient_col, id_type, shareable, key_col);
 		source->row_sizes_sql =
-			psprintf("SELECT t.%s::pg_catalog.text, pg_catalog.octet_length(%s)"
+			psprintf("SELECT %s, pg_catalog.octet_length(%s)"
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
-					 key_col, row_json, rel, key_col, key_type);
+					 key_text, row_json, rel, key_col, key_type);
 		source->row_owner_sql =
-			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
+			psprintf("SELECT %s FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s",
-					 patient_col, rel, key_col, key_type);
+					 patient_text, rel, key_col, key_type);
 		source->all_keys_sql =
-			psprintf("SELECT t.%s::pg_catalog.text FROM %s t"
+			psprintf("SELECT %s FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s ORDER BY t.%s",
-					 key_col, rel, patient_col, patient_type, key_col);
+					 key_text, rel, patient_col, id_type, key_col);
 		if (source->kind == SOURCE_PATIENT)
 			source->chart_sql =
-				psprintf("SELECT t.%s::pg_catalog.text, %s FROM %s t"
+				psprintf("SELECT %s, %s FROM %s t"
 						 " WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
-						 patient_col,
+						 patient_text,
 						 privacy_col ? psprintf("COALESCE(t.%s, 0) <= $2", quote_identifier(privacy_col)) : "true",
 						 rel, patient_col, patient_type);
 		sources = lappend(sources, source);

@@ -1176,6 +1176,14 @@ portal_sync_worker_main(Datum arg)
 	SetConfigOption("lock_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("idle_in_transaction_session_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
 
+	/*
+	 * The rows' data is written exactly, whatever the database's defaults:
+	 * every float digit, intervals in the default style (dates in JSON
+	 * are ISO in every style; keys and ids go through value_text()).
+	 */
+	SetConfigOption("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION);
+	SetConfigOption("IntervalStyle", "postgres", PGC_USERSET, PGC_S_SESSION);
+
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->pid = MyProcPid;
 	my_slot->latch = MyLatch;

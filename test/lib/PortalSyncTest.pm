@@ -174,7 +174,7 @@ BEGIN
 	SELECT v.source, v.patient_col, v.privacy_col INTO chart
 	  FROM portal_sync.sources v WHERE v.kind = 'patient';
 	FOR s IN SELECT * FROM portal_sync.sources LOOP
-		q := format('SELECT t.%I::text, t.%I::text FROM %s t WHERE t.%I IS NOT NULL',
+		q := format('SELECT portal_sync.value_text(t.%I), portal_sync.value_text(t.%I) FROM %s t WHERE t.%I IS NOT NULL',
 					s.patient_col, s.key_col, s.source, s.patient_col);
 		IF s.date_col IS NOT NULL AND st.date_cutoff IS NOT NULL THEN
 			q := q || format(' AND (t.%I IS NULL OR t.%I::date >= %L::date)',
@@ -186,21 +186,21 @@ BEGIN
 		END IF;
 		IF s.share_when IS NOT NULL THEN
 			-- $1: the one row to look at when the rule fails on some row
-			q := q || format(' AND CASE WHEN $1 IS NULL OR t.%I::text = $1 THEN coalesce((%s), false) END',
+			q := q || format(' AND CASE WHEN $1 IS NULL OR portal_sync.value_text(t.%I) = $1 THEN coalesce((%s), false) END',
 							 s.key_col, s.share_when);
 		END IF;
 		IF s.kind <> 'insurance' THEN
 			q := q || format(' AND EXISTS (SELECT 1 FROM portal_sync.patients e'
-							 ' WHERE e.patient_id = t.%I::text)', s.patient_col);
+							 ' WHERE e.patient_id = portal_sync.value_text(t.%I))', s.patient_col);
 		END IF;
 		IF chart.source IS NOT NULL THEN
 			IF chart.privacy_col IS NOT NULL THEN
-				q := q || format(' AND EXISTS (SELECT 1 FROM %s c WHERE c.%I::text = t.%I::text'
+				q := q || format(' AND EXISTS (SELECT 1 FROM %s c WHERE c.%I = t.%I'
 								 ' AND coalesce(c.%I, 0) <= %s)',
 								 chart.source, chart.patient_col, s.patient_col,
 								 chart.privacy_col, st.max_privacy_level);
 			ELSE
-				q := q || format(' AND EXISTS (SELECT 1 FROM %s c WHERE c.%I::text = t.%I::text)',
+				q := q || format(' AND EXISTS (SELECT 1 FROM %s c WHERE c.%I = t.%I)',
 								 chart.source, chart.patient_col, s.patient_col);
 			END IF;
 		END IF;
@@ -211,7 +211,7 @@ BEGIN
 			-- share_when fails on some row (SPEC 4): that row is not
 			-- shareable; the others are, row by row
 			found := NULL;
-			FOR r IN EXECUTE format('SELECT t.%I::text AS k FROM %s t', s.key_col, s.source) LOOP
+			FOR r IN EXECUTE format('SELECT portal_sync.value_text(t.%I) AS k FROM %s t', s.key_col, s.source) LOOP
 				BEGIN
 					EXECUTE format('SELECT array_agg(ROW(x.p, x.k)::pstest.item_key) FROM (%s) x(p, k)', q)
 						INTO one_row USING r.k;
@@ -251,7 +251,7 @@ BEGIN
 				 WHERE a.value IS DISTINCT FROM b.value)
 			   END
 		FROM jsonb_each($1) i
-		LEFT JOIN %1$s t ON t.%2$I::text = i.key
+		LEFT JOIN %1$s t ON portal_sync.value_text(t.%2$I) = i.key
 		WHERE t.%2$I IS NULL
 		   OR jsonb_populate_record(NULL::%1$s, i.value) IS DISTINCT FROM t$q$,
 		s.source, s.key_col) USING items;
