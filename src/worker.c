@@ -822,6 +822,14 @@ note_snapshot_events(DeliveryState *delivery, Batch *batch, bool accepted)
 			id = psprintf("%s|" INT64_FORMAT, event->patient_id, event->seq);
 		else if (event->op == EVENT_UPSERT && event->shares_seq)
 			id = pstrdup(event->event_id);
+		if (accepted && (event->op == EVENT_SNAPSHOT_BEGIN || event->op == EVENT_PURGE))
+		{
+			/* the portal's state of the patient is known again */
+			char	   *purge_id = psprintf("purge|%s", event->patient_id);
+
+			string_map_remove(delivery->accepted_snapshot_events, purge_id);
+			pfree(purge_id);
+		}
 		if (id != NULL)
 			(void) string_map_enter(delivery->accepted_snapshot_events, id, &found);
 	}
@@ -830,14 +838,49 @@ note_snapshot_events(DeliveryState *delivery, Batch *batch, bool accepted)
 
 /*
  * The unit is done: no snapshot of it is open at the portal any more.
+ * Purges whose answer was lost are remembered on ("purge|" + patient):
+ * the unit built for the retry may not have reached the patient, and the
+ * patient's next events, in whichever unit, must be a snapshot.  They are
+ * forgotten when a purge or a snapshot of the patient is accepted.
  */
 static void
 forget_accepted_snapshot_events(DeliveryState *delivery)
 {
+	List	   *purges = NIL;
+	ListCell   *lc;
+
+	if (delivery->accepted_snapshot_events != NULL)
+	{
+		HASH_SEQ_STATUS status;
+		char	  **entry;
+
+		hash_seq_init(&status, delivery->accepted_snapshot_events);
+		while ((entry = hash_seq_search(&status)) != NULL)
+			if (strncmp(*entry, "purge|", 6) == 0)
+				purges = lappend(purges, pstrdup(*entry));
+	}
 	if (delivery->accepted_context != NULL)
 		MemoryContextDelete(delivery->accepted_context);
 	delivery->accepted_context = NULL;
 	delivery->accepted_snapshot_events = NULL;
+	if (purges == NIL)
+		return;
+
+	delivery->accepted_context = AllocSetContextCreate(TopMemoryContext,
+													   "portal_sync accepted snapshot events",
+													   ALLOCSET_SMALL_SIZES);
+	delivery->accepted_snapshot_events =
+		string_map_create("portal_sync accepted snapshot events", sizeof(char *),
+						  delivery->accepted_context);
+	foreach(lc, purges)
+	{
+		bool		found;
+
+		(void) string_map_enter(delivery->accepted_snapshot_events,
+								MemoryContextStrdup(delivery->accepted_context, lfirst(lc)),
+								&found);
+	}
+	list_free_deep(purges);
 }
 
 /*
