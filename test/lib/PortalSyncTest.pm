@@ -49,7 +49,7 @@ use Test::More;
 our @EXPORT = qw(
   ps_root ps_new_node ps_setup_db ps_sql_json ps_sql_row ps_status
   ps_query ps_wait_drained ps_wait_until ps_expected_items ps_portal_items
-  ps_compare_state ps_check_portal_invariants ps_worker_pid
+  ps_compare_state ps_check_portal_invariants ps_worker_pid ps_kill_worker
   ps_dead_letters ps_set_conf ps_enrolled ps_accepted_events
   ps_check_ccda_after_snapshot ps_check_event_ids_stable ps_events
   ps_check_send_order
@@ -376,6 +376,31 @@ sub ps_worker_pid
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'portal_sync worker' AND datname = '$db'"
 	);
 	return $pid eq '' ? undef : $pid;
+}
+
+=pod
+
+=head2 ps_kill_worker(node, db, [pid])
+
+kill -9 of the delivery worker of db (or of pid), then wait until the
+server has reinitialized and accepts connections again.  Polling for a
+connection alone is not enough: one made before the postmaster has noticed
+the crash succeeds, and the next query meets "the database system is in
+recovery mode".  Returns true once the server is back.
+
+=cut
+
+sub ps_kill_worker
+{
+	my ($node, $db, $pid) = @_;
+	$db //= 'postgres';
+	$pid //= ps_worker_pid($node, $db);
+	return 0 unless $pid;
+	my $log_offset = -s $node->logfile;
+	return 0 unless kill('KILL', $pid);
+	$node->wait_for_log(qr/all server processes terminated; reinitializing/, $log_offset);
+	return ps_wait_until(sub { my ($r) = $node->psql($db, 'SELECT 1'); $r == 0 },
+		'server accepts connections', 60);
 }
 
 =pod

@@ -26,11 +26,6 @@ portal_sync.batch_size = 15
 my $db = 'postgres';
 sub one { return $node->safe_psql($db, $_[0]) }
 sub accepted { return scalar grep { $_->{status} =~ /^2/ } @{ $portal->requests } }
-sub server_up
-{
-	return ps_wait_until(sub { my ($r) = $node->psql($db, 'SELECT 1'); $r == 0 },
-		'server accepts connections', 60);
-}
 
 # A slow portal: the drain takes a few hundred requests.
 $portal->mode({ mode => 'delay', seconds => 0.06 });
@@ -59,8 +54,7 @@ for my $k (1 .. 10)
 		last;
 	}
 	push @pending_at_kill, ps_status($node, $db)->{pending_events};
-	kill('KILL', $pid);
-	server_up();
+	ps_kill_worker($node, $db, $pid);
 	ok(ps_wait_until(sub { my $p = ps_worker_pid($node, $db); $p && $p != $pid }, "worker after kill $k", 60),
 		"kill $k: a new worker runs");
 }

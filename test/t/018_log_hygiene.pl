@@ -104,8 +104,7 @@ $portal->modes({ mode => 'hang', seconds => 2, count => 1 }, { mode => 'require_
 one(qq{UPDATE ehr.visit_note SET body = '$markers[11]' WHERE patient_id = 4});
 ps_wait_until(sub { ps_worker_pid($node, $db) }, 'worker', 10);
 sleep(1);
-kill('KILL', ps_worker_pid($node, $db));
-ps_wait_until(sub { my ($r) = $node->psql($db, 'SELECT 1'); $r == 0 }, 'server back', 60);
+ps_kill_worker($node, $db);
 ok(ps_wait_drained($node, $db, 90), 'drained after kill -9');
 
 # Error messages a DBA can provoke that carry a row must not either.
