@@ -63,9 +63,8 @@
 #   end     idle RssAnon at the end       - idle RssAnon of phase 1    <= T
 #   trend   median idle RssAnon of the second half of the phases
 #           - that of the first half (same faults, in the same order)   <= T
-#   peaks   highest RssAnon sample of the second half
-#           - highest of the first half                                 <= 2T
 #   palloc  context bytes used at the end - after phase 1               <= C
+# The peaks of each phase are printed, not judged.
 # Why these: the server runs with LEAKCHECK_GLIBC_TUNABLES (default
 # glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=262144),
 # so that glibc returns freed large blocks and the top of the heap at once:
@@ -74,10 +73,14 @@
 # the 10 MB document (with glibc's default dynamic thresholds the worker
 # keeps about 15 MiB of freed heap, in which a leak of that size would
 # hide).  T = 4 MiB fails a leak of 16 bytes per event (0.6 MiB per
-# phase).  The peaks (33-62 MiB, while a 10 MB document is read and sent)
-# move by a few MiB with timing, hence 2T.  Context totals move by up to
-# 80 kB as caches are invalidated and rebuilt; C = 256 kB is under one
-# byte per event.  docs/memory-safety.md has the measured figures.
+# phase).  The peaks (25-64 MiB, while a 10 MB document is read and sent)
+# depend on when a sample falls during that read, not on how long the
+# worker has run (CI saw the second half's highest 11 MiB above the
+# first's with flat idle figures): memory freed after each send is no
+# leak, a leak shows in the idle and palloc figures, and the bar of SPEC 5
+# (memory bounded by bytes) is checked by the bigdoc phase.  Context
+# totals move by up to 80 kB as caches are invalidated and rebuilt;
+# C = 256 kB is under one byte per event.  docs/memory-safety.md has the measured figures.
 #
 # Environment:
 #   LEAKCHECK_EVENTS               incremental events of the drain phases
@@ -524,14 +527,15 @@ my $range = sub { return @_ > 1 ? "$_[0]..$_[-1]" : $_[0]; };
 my $end = idle('end') - idle($drain[0]);
 my $trend = median(map { idle($_) } @second) - median(map { idle($_) } @first);
 my $peaks = max(map { peak($_, 0) } @second) - max(map { peak($_, 0) } @first);
+my $highest = max(map { peak($_, 0) } @drain);
 my $palloc = $ctx_end->{used} - $phases[1]{ctx}{used};
 report('');
 report(sprintf('end    idle RssAnon at the end - after %s: %+.1f MiB (tolerance %s MiB)', $drain[0], $end / 1024,
 	mib($tol_kb)));
 report(sprintf('trend  idle RssAnon, median of %s - of %s: %+.1f MiB (tolerance %s MiB)', $range->(@second),
 	$range->(@first), $trend / 1024, mib($tol_kb)));
-report(sprintf('peaks  highest RssAnon of %s - of %s: %+.1f MiB (tolerance %s MiB)', $range->(@second),
-	$range->(@first), $peaks / 1024, mib(2 * $tol_kb)));
+report(sprintf('peaks  highest RssAnon of %s - of %s: %+.1f MiB (figure only); highest of all: %s MiB',
+	$range->(@second), $range->(@first), $peaks / 1024, mib($highest)));
 report(sprintf('palloc context bytes used at the end - after %s: %+.1f kB (tolerance %.0f kB)', $drain[0],
 	$palloc / 1024, $ctx_tol / 1024));
 cmp_ok(peak('bigdocs', 0), '<=', 64 * 1024,
@@ -539,7 +543,6 @@ cmp_ok(peak('bigdocs', 0), '<=', 64 * 1024,
 	  . mib(peak('bigdocs', 0)) . ' MiB at most)');
 my $flat = ok($end <= $tol_kb, 'RssAnon at the end as after phase 1');
 $flat &= ok($trend <= $tol_kb, 'idle RssAnon of the later phases as of the earlier ones');
-$flat &= ok($peaks <= 2 * $tol_kb, 'peak RssAnon of the later phases as of the earlier ones');
 $flat &= ok($palloc <= $ctx_tol && $ctx_end->{used} > 0, 'palloc bytes at the end as after phase 1');
 report('verdict: ' . ($flat ? 'flat once warm: no leak' : 'memory GROWS once warm: leak'));
 
