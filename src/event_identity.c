@@ -10,9 +10,11 @@
  * operation, the latest outbox entry the event reports (a later change of
  * the row is a later entry, so the same content after A -> B -> A still
  * gets a new id), its capture time and the row's JSON (a row that became
- * a delete, or whose sent columns changed, gets a new id).  A snapshot's
- * markers are named by the patient and the snapshot's seq, which a
- * snapshot resumed after a failure keeps (unit_builder.c).  The same event
+ * a delete, or whose sent columns changed, gets a new id).  An item of a
+ * snapshot is also named by the snapshot's seq: which snapshot mentions
+ * it is part of what it says.  A snapshot's markers are named by the
+ * patient and the snapshot's seq, which a snapshot resumed after a
+ * failure keeps (unit_builder.c).  The same event
  * built again from the same state (a retry, a restart) gets the same id.
  *
  * SHA-256, cut to 128 bits: ids never collide by accident.

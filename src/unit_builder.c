@@ -1099,8 +1099,13 @@ serve_entry(UnitBuilder *builder, int entry_index)
 			consume_silently(builder, entry_index);
 		return;
 	}
+	/*
+	 * Only the patient's first event in the unit stands right after the
+	 * purge: once a snapshot (or purge) is in the unit, it comes first.
+	 */
 	if (patient->enrolled &&
-		(patient->purged || purge_may_be_applied(builder, patient)))
+		(patient->purged ||
+		 (patient->epoch == 0 && purge_may_be_applied(builder, patient))))
 	{
 		/* the chart is shareable again: a snapshot, unless it must wait */
 		if (patient->waiting)
@@ -1288,6 +1293,20 @@ move_unsent_items_of_resumed_snapshots(DeliveryUnit *unit, HTAB *accepted,
 }
 
 /*
+ * The id of an upsert inside a snapshot: what it sends and which snapshot
+ * mentions it.  A portal that deduped the item under another snapshot's
+ * seq would not count it as mentioned by this one, and drop it at its end.
+ */
+static char *
+snapshot_item_identity(const char *install_id, DeliveryEvent *event, int64 snapshot_seq)
+{
+	char		digest[48];
+
+	snprintf(digest, sizeof(digest), "in snapshot seq " INT64_FORMAT, snapshot_seq);
+	return event_identity(install_id, event, event->data_json, digest);
+}
+
+/*
  * Give every event its id, its seq and its JSON.  Seqs are taken from the
  * outbox sequence in sending order (a snapshot's items and end share the
  * begin's); if the unit starts with the very events of the failed batch
@@ -1305,13 +1324,19 @@ finish_events(UnitBuilder *builder, const FailedBatch *failed, HTAB *accepted)
 	int			i;
 	NewSnapshots new_snapshots = {0};
 
-	/* ids of upserts and deletes: what they send */
+	/*
+	 * ids of upserts and deletes: what they send; an item of a snapshot
+	 * also by the snapshot's seq, known here for a resumed one (new ones
+	 * get theirs below)
+	 */
 	for (i = 0; i < nevents; i++)
 	{
 		DeliveryEvent *event = list_nth(unit->events, i);
 
-		if (event->source_name != NULL)
+		if (event->source_name != NULL && !event->shares_seq)
 			event->event_id = event_identity(install_id, event, event->data_json, NULL);
+		else if (event->source_name != NULL && event->preset_seq > 0)
+			event->event_id = snapshot_item_identity(install_id, event, event->preset_seq);
 	}
 	drop_accepted_snapshot_events(builder, accepted);
 	move_unsent_items_of_resumed_snapshots(unit, accepted, install_id);
@@ -1331,7 +1356,9 @@ finish_events(UnitBuilder *builder, const FailedBatch *failed, HTAB *accepted)
 			DeliveryEvent *event = list_nth(unit->events, i);
 			const char *id = event->event_id;
 
-			if (id == NULL)
+			if (id == NULL && event->source_name != NULL)
+				id = snapshot_item_identity(install_id, event, failed->seqs[i]);
+			else if (id == NULL)
 			{
 				char		digest[32];
 
@@ -1364,6 +1391,8 @@ finish_events(UnitBuilder *builder, const FailedBatch *failed, HTAB *accepted)
 		if (event->op == EVENT_SNAPSHOT_BEGIN && event->preset_seq == 0)
 			remember_snapshot_seq(&new_snapshots, event);
 
+		if (event->event_id == NULL && event->source_name != NULL)
+			event->event_id = snapshot_item_identity(install_id, event, event->seq);
 		/* a snapshot's markers are named by the patient and the seq */
 		if (event->source_name == NULL)
 		{

@@ -830,7 +830,8 @@ sub ps_check_send_order
 
 Event identity follows content (SPEC 5): every time an event_id is sent,
 it carries the same content (everything but its seq, which is taken again
-when a batch is rebuilt), so a portal that dedupes by event_id never keeps
+when a batch is rebuilt; but an upsert inside a snapshot belongs to that
+snapshot, so its seq counts), so a portal that dedupes by event_id never keeps
 an older content in place of a newer one; and a batch_id sent twice names
 the very same body.
 
@@ -839,14 +840,31 @@ the very same body.
 sub ps_check_event_ids_stable
 {
 	my ($reqs, $name) = @_;
-	my (%contents, %bodies);
+	my (%contents, %bodies, %snapshot_seqs);
+	# An item of a snapshot is mentioned by that snapshot, named by its
+	# seq: the same item in another snapshot is another content (a portal
+	# that dedupes it would not count it as mentioned, and drop it at the
+	# end).  Outside snapshots the seq is not content: a rebuilt unit sends
+	# the same change under a new seq.
+	for my $r (@$reqs)
+	{
+		for my $ev (@{ $r->{events} || [] })
+		{
+			$snapshot_seqs{"$r->{practice_id}|$ev->{patient_id}|$ev->{seq}"} = 1
+			  if ($ev->{op} // '') eq 'snapshot_begin' && defined $ev->{seq};
+		}
+	}
 	for my $r (@$reqs)
 	{
 		my @evs = @{ $r->{events} || [] };
 		for my $i (0 .. $#evs)
 		{
 			my $digest = ($r->{event_digests} || [])->[$i] // '';
-			$contents{ $evs[$i]{event_id} // '' }{ "$r->{practice_id}|$digest" } = 1;
+			my $ev = $evs[$i];
+			$digest .= "|in snapshot $ev->{seq}"
+			  if ($ev->{op} // '') eq 'upsert' && defined $ev->{seq}
+			  && $snapshot_seqs{"$r->{practice_id}|$ev->{patient_id}|$ev->{seq}"};
+			$contents{ $ev->{event_id} // '' }{ "$r->{practice_id}|$digest" } = 1;
 		}
 		$bodies{ $r->{batch_id} // '' }{ $r->{body_sha} // '' } = 1
 		  if defined $r->{batch_id};
