@@ -31,8 +31,8 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $seed = $ENV{PS_RANDOM_SEED} // (time() % 100000);
-my $rounds = $ENV{PS_RANDOM_ROUNDS} // 16;
+my $seed = ($ENV{PS_RANDOM_SEED} // '') =~ /^\d+$/ ? $ENV{PS_RANDOM_SEED} : (time() % 100000);
+my $rounds = $ENV{PS_RANDOM_ROUNDS} || 16;
 diag("PS_RANDOM_SEED=$seed PS_RANDOM_ROUNDS=$rounds");
 srand($seed);
 

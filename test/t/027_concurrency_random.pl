@@ -46,8 +46,8 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $seed = $ENV{PS_RANDOM_SEED} // (int(time() * 1000) % 1000000);
-my $seconds = $ENV{PS_RANDOM_SECONDS} // 60;
+my $seed = ($ENV{PS_RANDOM_SEED} // '') =~ /^\d+$/ ? $ENV{PS_RANDOM_SEED} : (int(time() * 1000) % 1000000);
+my $seconds = $ENV{PS_RANDOM_SECONDS} || 60;
 my $NWRITERS = 4;
 diag("PS_RANDOM_SEED=$seed PS_RANDOM_SECONDS=$seconds");
 srand($seed);
