@@ -79,6 +79,7 @@ typedef struct DeliveryEvent
 	bool		shares_seq;		/* takes the seq of the event before it */
 	int64		preset_seq;		/* snapshot begin: its seq, kept from an earlier attempt */
 	bool		items_follow;	/* snapshot end: some of its items are sent after it */
+	int64		follows_snapshot;	/* an item sent after that snapshot's end */
 	int64		ends_enrollment;	/* purge: seq of the unenroll() request it serves, or 0 */
 	char	   *json;			/* the serialized event, without its data */
 	size_t		json_len;		/* length on the wire, data included */
@@ -197,6 +198,7 @@ extern DeliveryUnit *build_delivery_unit(SharingSettings *settings, int max_even
 										 size_t max_bytes, MemoryContext context,
 										 const FailedBatch *failed, HTAB *accepted);
 extern void unit_finished(DeliveryUnit *unit);
+extern char *moved_item_id(const DeliveryEvent *event, int64 snapshot_seq);
 
 /* event_identity.c */
 extern char *event_identity(const char *install_id, const DeliveryEvent *event,

@@ -1224,6 +1224,17 @@ drop_accepted_snapshot_events(UnitBuilder *builder, HTAB *accepted)
 }
 
 /*
+ * The name under which the worker remembers that an item of a snapshot
+ * was sent after the snapshot's end (worker.c, note_snapshot_events).
+ */
+char *
+moved_item_id(const DeliveryEvent *event, int64 snapshot_seq)
+{
+	return psprintf("moved|%s|" INT64_FORMAT "|%d|%s", event->patient_id, snapshot_seq,
+					event->source_id, event->key ? event->key : "");
+}
+
+/*
  * A resumed snapshot is sent under its first seq, but the portal may
  * already hold later events of the patient: a batch after the snapshot's
  * end may have been applied though its answer was lost.  An item the
@@ -1249,9 +1260,19 @@ move_unsent_items_of_resumed_snapshots(DeliveryUnit *unit, HTAB *accepted,
 		if (event->preset_seq > 0 && event->op == EVENT_UPSERT && event->shares_seq)
 		{
 			char	   *sent_id = psprintf("sent|%s", event->event_id);
+			char	   *moved_id = moved_item_id(event, event->preset_seq);
 			bool		sent = accepted != NULL && string_map_find(accepted, sent_id) != NULL;
 
+			/*
+			 * An item once sent after the end stays there in every later
+			 * build: the portal may hold that end and the events after
+			 * it, and the item under the snapshot's seq would come after
+			 * them (even where its content, and so its old id, is back).
+			 */
+			if (accepted != NULL && string_map_find(accepted, moved_id) != NULL)
+				sent = false;
 			pfree(sent_id);
+			pfree(moved_id);
 			if (!sent)
 			{
 				char		digest[48];
@@ -1266,6 +1287,7 @@ move_unsent_items_of_resumed_snapshots(DeliveryUnit *unit, HTAB *accepted,
 				event->event_id = event_identity(install_id, event,
 												 event->data_json, digest);
 				event->shares_seq = false;
+				event->follows_snapshot = event->preset_seq;
 				event->preset_seq = 0;
 				moved = lappend(moved, event);
 				continue;

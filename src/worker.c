@@ -786,7 +786,8 @@ note_success(int delivered)
  * snapshots open and need not get their accepted events again.  Before a
  * batch goes out, its snapshot items are noted as sent ("sent|" + id):
  * the portal may have applied them, answer or not (see finish_events);
- * so are purges ("purge|" + patient): a lost answer may hide an applied one.
+ * so are items sent after their snapshot's end ("moved|", which stay
+ * there in every later build of the unit); so are purges ("purge|" + patient): a lost answer may hide an applied one.
  */
 static void
 note_snapshot_events(DeliveryState *delivery, Batch *batch, bool accepted)
@@ -814,6 +815,8 @@ note_snapshot_events(DeliveryState *delivery, Batch *batch, bool accepted)
 		{
 			if (event->op == EVENT_UPSERT && event->shares_seq)
 				id = psprintf("sent|%s", event->event_id);
+			else if (event->op == EVENT_UPSERT && event->follows_snapshot > 0)
+				id = moved_item_id(event, event->follows_snapshot);
 			/* the portal may apply a purge whose answer is lost */
 			else if (event->op == EVENT_PURGE)
 				id = psprintf("purge|%s", event->patient_id);
