@@ -14,8 +14,8 @@
  * snapshot is also named by the snapshot's seq: which snapshot mentions
  * it is part of what it says.  A snapshot's markers are named by the
  * patient and the snapshot's seq, which a snapshot resumed after a
- * failure keeps (unit_builder.c).  The same event
- * built again from the same state (a retry, a restart) gets the same id.
+ * failure keeps (unit_builder.c).  The same event built again from the
+ * same state (a retry, a restart) gets the same id.
  *
  * SHA-256, cut to 128 bits: ids never collide by accident.
  *

@@ -786,8 +786,9 @@ note_success(int delivered)
  * snapshots open and need not get their accepted events again.  Before a
  * batch goes out, its snapshot items are noted as sent ("sent|" + id):
  * the portal may have applied them, answer or not (see finish_events);
- * so are items sent after their snapshot's end ("moved|", which stay
- * there in every later build of the unit); so are purges ("purge|" + patient): a lost answer may hide an applied one.
+ * so are items sent after their snapshot's end ("moved|": they stay there
+ * in every later build of the unit), and purges ("purge|" + patient): a
+ * lost answer may hide an applied one.
  */
 static void
 note_snapshot_events(DeliveryState *delivery, Batch *batch, bool accepted)
