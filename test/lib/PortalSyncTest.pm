@@ -1203,6 +1203,20 @@ sub modes
 	return $self->_ctl('POST', '/_control/mode', { modes => \@rules });
 }
 
+=pod
+
+=head2 $portal->open_gate($name)
+
+Lets the requests held by the gate rule named $name go on (see portal.py).
+
+=cut
+
+sub open_gate
+{
+	my ($self, $name) = @_;
+	return $self->_ctl('POST', '/_control/open', { name => $name });
+}
+
 sub requests
 {
 	my ($self, %o) = @_;

@@ -41,6 +41,10 @@ Control API (JSON in, JSON out):
                                     answer 200 (and apply unless apply=false)
         {"mode": "delay", "seconds": 0.2}                    sleep, then go on
                                     with the next rules (slow portal)
+        {"mode": "gate", "name": "a", "seconds": 60}         hold the
+                                    request until POST /_control/open
+                                    {"name": "a"} (at most "seconds"), then
+                                    go on with the next rules
         {"mode": "random_fail", "rate": 0.3, "status": 500, "seed": 1}
         {"mode": "max_body", "bytes": 4096}                  413 when larger
         {"mode": "close"}           drop the connection without answering
@@ -51,6 +55,8 @@ Control API (JSON in, JSON out):
       decides.  A match is {field: value} over the event's fields, or
       "data.col" for a column of its data; values compare as strings; a list
       value matches any of its elements.
+  POST /_control/open   {"name": "a"}   let requests held by gate "a" go
+                                    on (and every later one it holds)
   POST /_control/down   {"seconds": N}  stop listening (refuse connections)
                                     and close open connections; back after
                                     N seconds (omitted: until SIGUSR2)
@@ -128,6 +134,8 @@ class Portal:
         self.rules = []
         self.answers = {}
         self.rng = random.Random(0)
+        self.gates = {}
+        self._pending_gates = []
 
     # ------------------------------------------------------------ rules
     def set_rules(self, spec):
@@ -140,13 +148,15 @@ class Portal:
             r = dict(r)
             m = r.get('mode', 'ok')
             if m not in ('ok', 'status', 'reject_event', 'rejected_list',
-                         'hang', 'delay', 'random_fail', 'max_body', 'close',
-                         'require_token'):
+                         'hang', 'delay', 'gate', 'random_fail', 'max_body',
+                         'close', 'require_token'):
                 raise ValueError('unknown mode %r' % m)
             r['mode'] = m
             if 'seed' in r:
                 self.rng = random.Random(r['seed'])
             r['fired'] = 0
+            if m == 'gate':
+                self.gates.setdefault(str(r.get('name', '')), threading.Event())
             out.append(r)
         self.rules = out
 
@@ -385,6 +395,14 @@ class Portal:
                 self._pending_delay = getattr(self, '_pending_delay', 0) + \
                     float(r.get('seconds', 0.1))
                 continue
+            elif m == 'gate':
+                # Not a decision: waits for the test, then the next rules.
+                if count is not None:
+                    r['fired'] += 1
+                self._pending_gates.append(
+                    (self.gates[str(r.get('name', ''))],
+                     float(r.get('seconds', 60))))
+                continue
             elif m == 'random_fail':
                 if self.rng.random() < float(r.get('rate', 0.3)):
                     decided = ('answer', int(r.get('status', 500)), {},
@@ -552,8 +570,15 @@ class Handler(BaseHTTPRequestHandler):
                 with portal.lock:
                     portal.set_rules(body)
                     portal._pending_delay = 0
+                    portal._pending_gates = []
             except (ValueError, TypeError) as e:
                 return self.answer(400, {'error': str(e)})
+            return self.answer(200, {'ok': True})
+        if path == '/_control/open':
+            with portal.lock:
+                gate = portal.gates.setdefault(str(body.get('name', '')),
+                                               threading.Event())
+            gate.set()
             return self.answer(200, {'ok': True})
         if path == '/_control/down':
             self.answer(200, {'ok': True})
@@ -611,6 +636,7 @@ class Handler(BaseHTTPRequestHandler):
             for e in errs:
                 portal.protocol_errors.append({'request': reqno, 'error': e})
             portal._pending_delay = 0
+            portal._pending_gates = []
             if errs:
                 decision = ('answer', 400, {}, {'error': 'bad request',
                                                 'details': errs},
@@ -619,6 +645,10 @@ class Handler(BaseHTTPRequestHandler):
                 decision = portal.decide(hdrs, raw, body, events)
             delay = portal._pending_delay
             portal._pending_delay = 0
+            gates = portal._pending_gates
+            portal._pending_gates = []
+        for gate, seconds in gates:
+            gate.wait(seconds)
         action, status, extra, answer_body, rejected, sleep, do_apply, rule = \
             decision
         if delay:

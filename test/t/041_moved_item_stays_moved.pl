@@ -11,8 +11,8 @@
 # had applied later seqs of the patient.
 #
 #   1. patient 2's snapshot (17 events) is cut by batch_size 10: batch A
-#      (the portal is slow on it, 1.5 s) is accepted, batch B (with the
-#      end) answered 500;
+#      (held by the portal) is accepted, batch B (with the end) answered
+#      500;
 #   2. while A is in flight, a lab result of patient 2 in batch B changes;
 #   3. the unit built again sends that lab result after the end (batch
 #      B'); the portal applies B' and answers after the worker gave up;
@@ -31,7 +31,9 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 
-my $HTTP_TIMEOUT = 3;
+# Long enough for the test to act while a batch is held at a gate, on a
+# loaded machine; B' answers only after the worker gave up on it.
+my $HTTP_TIMEOUT = 10;
 my $portal = PortalSyncTest::Portal->start;
 my $node = ps_new_node('moved_item_stays_moved', $portal,
 	conf => "portal_sync.batch_size = 10\nportal_sync.http_timeout = '${HTTP_TIMEOUT}s'\n");
@@ -46,24 +48,27 @@ ok(defined $lab, 'patient 2 has a lab result on the portal');
 $lab //= 0;
 my $value = one(qq{SELECT value FROM ehr.lab_result WHERE result_id = $lab});
 
+# Each step waits for the worker's request to be held at its gate: the
+# case happens the same way however slow the machine is.
 my $mark = ps_nreq($portal);
 $portal->modes(
-	{ mode => 'delay', seconds => 1.5, count => 1 },    # (under http_timeout)
+	{ mode => 'gate', name => 'A', count => 1 },
 	{ mode => 'ok', count => 1 },                                   # A
 	{ mode => 'reject_event', status => 500, match => { op => 'snapshot_end', patient_id => '2' }, count => 1 },  # B
-	{ mode => 'hang', seconds => $HTTP_TIMEOUT + 0.1, apply => JSON::PP::true, count => 1 },    # B'
+	{ mode => 'gate', name => 'B2', count => 1 },
+	{ mode => 'hang', seconds => $HTTP_TIMEOUT + 0.5, apply => JSON::PP::true, count => 1 },    # B'
 	{ mode => 'ok' });
 one(q{SELECT portal_sync.resync_patient('2')});
-ok(ps_wait_until(sub { one(q{SELECT count(*) FROM pg_stat_activity
-			WHERE backend_type = 'portal_sync worker' AND query = 'portal_sync: sending a batch'}) eq '1' },
-	'batch A is in flight', 30), 'batch A of the snapshot is in flight');
+ok(ps_wait_until(sub { ps_nreq($portal) - $mark >= 1 }, 'batch A is held', 60),
+	'batch A of the snapshot is in flight');
 one(qq{UPDATE ehr.lab_result SET value = 'changed while in flight' WHERE result_id = $lab});
+$portal->open_gate('A');
 
-# B' is in flight (hung) once the portal has answered A and B.
-ok(ps_wait_until(sub { ps_nreq($portal) - $mark >= 2 && one(q{SELECT count(*) FROM pg_stat_activity
-			WHERE backend_type = 'portal_sync worker' AND query = 'portal_sync: sending a batch'}) eq '1' },
-	"batch B' is in flight", 30), "batch B' is in flight");
+# B' is in flight (held) once the portal has answered A and B.
+ok(ps_wait_until(sub { ps_nreq($portal) - $mark >= 3 }, "batch B' is held", 60),
+	"batch B' is in flight");
 one(qq{UPDATE ehr.lab_result SET value = '$value' WHERE result_id = $lab});
+$portal->open_gate('B2');
 
 ok(ps_wait_drained($node, $db, 60), 'drained') or ps_diag_stuck($node, $db);
 my $reqs = $portal->requests(since => $mark);
