@@ -115,6 +115,7 @@ typedef struct UnitBuilder
 static int64 scan_cursor = 0;
 
 static void consume_silently(UnitBuilder *builder, int entry_index);
+static bool purge_may_be_applied(UnitBuilder *builder, PatientState *patient);
 
 /*
  * Read settings and the installation id; the caller is connected to SPI
@@ -700,6 +701,7 @@ emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 	DeliveryEvent *begin;
 	DeliveryEvent *end;
 	int64		preset_seq = 0;
+	bool		after_lost_purge = purge_may_be_applied(builder, patient);
 
 	/*
 	 * The snapshot of a request keeps the seq it was given when it was
@@ -707,8 +709,16 @@ emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 	 * the portal may hold it open, its begin accepted and not its end, and
 	 * counts what it mentioned so far.  So it is resumed under the same
 	 * seq and marker ids, even after a crash.
+	 *
+	 * Not after a purge of the patient whose answer was lost: the portal
+	 * may have applied the purge, whose seq is higher, and closed the
+	 * snapshot with it; or not, and still hold the snapshot open.  Then
+	 * the purge goes again, first, and a new snapshot follows under a new
+	 * seq: right in both cases.
 	 */
-	if (patient->snapshot_request > 0)
+	if (after_lost_purge)
+		(void) add_event(builder, entry, NULL, NULL, EVENT_PURGE, NULL);
+	else if (patient->snapshot_request > 0)
 	{
 		if (entry->seq != patient->snapshot_request)
 		{

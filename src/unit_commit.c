@@ -237,12 +237,18 @@ snapshot_accepted(DeliveryEvent *end)
 static void
 purge_accepted(DeliveryEvent *purge)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1] = {CStringGetTextDatum(purge->patient_id)};
+	Oid			types[2] = {TEXTOID, INT8OID};
+	Datum		values[2] = {CStringGetTextDatum(purge->patient_id), Int64GetDatum(purge->seq)};
 
+	/*
+	 * A snapshot that follows the purge (a higher seq, given when its unit
+	 * was built) keeps its request: the portal may hold it open, and it is
+	 * resumed under its seq.
+	 */
 	execute_or_fail("UPDATE portal_sync.enrollment SET purged = true, snapshot_accepted_at = NULL,"
-					" snapshot_request = NULL WHERE patient_id = $1",
-					1, types, values, NULL, SPI_OK_UPDATE);
+					" snapshot_request = CASE WHEN snapshot_seq > $2 THEN snapshot_request END"
+					" WHERE patient_id = $1",
+					2, types, values, NULL, SPI_OK_UPDATE);
 }
 
 /*
