@@ -17,8 +17,8 @@ endif
 EXTRA_CLEAN = tmp_check
 
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers \
-	-Wno-sign-compare $(shell pkg-config --cflags libcurl json-c)
-SHLIB_LINK = $(shell pkg-config --libs libcurl json-c)
+	-Wno-sign-compare $(shell pkg-config --cflags libcurl json-c zlib)
+SHLIB_LINK = $(shell pkg-config --libs libcurl json-c zlib)
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)

@@ -160,6 +160,7 @@ typedef struct HttpRequest
 	int			timeout_ms;
 	const char *batch_id;
 	BatchBody  *body;
+	bool		gzip;			/* send the body gzip-compressed */
 } HttpRequest;
 
 /*

@@ -9,6 +9,11 @@
  * unless portal_sync.allow_insecure_http is on.  A request in flight is
  * abandoned as soon as the worker is asked to stop.
  *
+ * With portal_sync.compression = gzip the body is compressed while libcurl
+ * reads it, a piece at a time, and sent with chunked transfer encoding:
+ * there is never a second copy of it in memory.  Compression is
+ * deterministic, so a body sent again is the same bytes.
+ *
  * Copyright (c) 2026, portal_sync developers
  *
  *-------------------------------------------------------------------------
@@ -17,6 +22,7 @@
 
 #include <arpa/inet.h>
 #include <curl/curl.h>
+#include <zlib.h>
 
 #include "miscadmin.h"
 #include "utils/timestamp.h"
@@ -25,6 +31,24 @@
 #include "portal_sync.h"
 
 static CURL *curl_handle = NULL;
+
+/* Bytes of JSON handed to zlib at a time. */
+#define GZIP_INPUT_BYTES	(64 * 1024)
+
+/*
+ * A request's body as libcurl reads it: the batch's JSON, compressed on
+ * the way when gzip is set.  zlib allocates with malloc (its default), so
+ * nothing inside libcurl's callbacks can longjmp.
+ */
+typedef struct BodyStream
+{
+	BatchBody  *body;
+	bool		gzip;
+	bool		input_done;		/* the JSON was read to its end */
+	bool		finished;		/* the compressed stream ended */
+	z_stream	zstream;
+	Bytef		input[GZIP_INPUT_BYTES];
+} BodyStream;
 
 /*
  * Body collector.  Runs inside libcurl: it allocates with malloc, never
@@ -80,12 +104,42 @@ http_result_free(HttpResult *result)
 }
 
 /*
- * Read callback: the next bytes of the batch body.
+ * Read callback: the next bytes of the batch body, compressed when asked.
  */
 static size_t
 read_body(char *buffer, size_t size, size_t nitems, void *userdata)
 {
-	return batch_body_read((BatchBody *) userdata, buffer, size * nitems);
+	BodyStream *stream = (BodyStream *) userdata;
+	z_stream   *zstream = &stream->zstream;
+	size_t		room = size * nitems;
+
+	if (!stream->gzip)
+		return batch_body_read(stream->body, buffer, room);
+	if (stream->finished)
+		return 0;
+
+	zstream->next_out = (Bytef *) buffer;
+	zstream->avail_out = (uInt) Min(room, (size_t) UINT_MAX);
+	while (zstream->avail_out > 0 && !stream->finished)
+	{
+		int			rc;
+
+		if (zstream->avail_in == 0 && !stream->input_done)
+		{
+			size_t		n = batch_body_read(stream->body, (char *) stream->input,
+											sizeof(stream->input));
+
+			zstream->next_in = stream->input;
+			zstream->avail_in = (uInt) n;
+			stream->input_done = n == 0;
+		}
+		rc = deflate(zstream, stream->input_done ? Z_FINISH : Z_NO_FLUSH);
+		if (rc == Z_STREAM_END)
+			stream->finished = true;
+		else if (rc != Z_OK && rc != Z_BUF_ERROR)
+			return CURL_READFUNC_ABORT;
+	}
+	return (size_t) (zstream->next_out - (Bytef *) buffer);
 }
 
 /*
@@ -95,10 +149,54 @@ read_body(char *buffer, size_t size, size_t nitems, void *userdata)
 static int
 rewind_body(void *userdata, curl_off_t offset, int origin)
 {
+	BodyStream *stream = (BodyStream *) userdata;
+
 	if (offset != 0 || origin != SEEK_SET)
 		return CURL_SEEKFUNC_CANTSEEK;
-	batch_body_rewind((BatchBody *) userdata);
+	batch_body_rewind(stream->body);
+	if (stream->gzip)
+	{
+		if (deflateReset(&stream->zstream) != Z_OK)
+			return CURL_SEEKFUNC_FAIL;
+		stream->zstream.avail_in = 0;
+		stream->input_done = false;
+		stream->finished = false;
+	}
 	return CURL_SEEKFUNC_OK;
+}
+
+/*
+ * Prepare a body for reading from its start; for gzip, a compressor whose
+ * output is the same for the same body (no name or time in its header).
+ */
+static void
+body_stream_start(BodyStream *stream, BatchBody *body, bool gzip)
+{
+	stream->body = body;
+	stream->gzip = gzip;
+	stream->input_done = false;
+	stream->finished = false;
+	batch_body_rewind(body);
+	if (gzip)
+	{
+		memset(&stream->zstream, 0, sizeof(stream->zstream));
+		/* 15 + 16: a 32 kB window with a gzip header and trailer */
+		if (deflateInit2(&stream->zstream, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+						 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("portal_sync: could not start gzip compression")));
+	}
+}
+
+/*
+ * Free what body_stream_start() set up.
+ */
+static void
+body_stream_end(BodyStream *stream)
+{
+	if (stream->gzip)
+		deflateEnd(&stream->zstream);
 }
 
 /*
@@ -192,6 +290,7 @@ http_post(const HttpRequest *request, HttpResult *result)
 	char		header[1024];
 	CURLcode	code;
 	long		status = 0;
+	BodyStream *stream;
 
 	memset(&result->body, 0, sizeof(result->body));
 	result->status = 0;
@@ -210,13 +309,15 @@ http_post(const HttpRequest *request, HttpResult *result)
 	curl_easy_setopt(curl_handle, CURLOPT_TIMEOUT_MS, (long) request->timeout_ms);
 	curl_easy_setopt(curl_handle, CURLOPT_CONNECTTIMEOUT_MS, (long) request->timeout_ms);
 	curl_easy_setopt(curl_handle, CURLOPT_POST, 1L);
-	batch_body_rewind(request->body);
+	stream = palloc(sizeof(BodyStream));
+	body_stream_start(stream, request->body, request->gzip);
 	curl_easy_setopt(curl_handle, CURLOPT_READFUNCTION, read_body);
-	curl_easy_setopt(curl_handle, CURLOPT_READDATA, request->body);
+	curl_easy_setopt(curl_handle, CURLOPT_READDATA, stream);
 	curl_easy_setopt(curl_handle, CURLOPT_SEEKFUNCTION, rewind_body);
-	curl_easy_setopt(curl_handle, CURLOPT_SEEKDATA, request->body);
+	curl_easy_setopt(curl_handle, CURLOPT_SEEKDATA, stream);
+	/* a compressed body's size is known only at its end: chunked */
 	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDSIZE_LARGE,
-					 (curl_off_t) request->body->total_len);
+					 request->gzip ? (curl_off_t) -1 : (curl_off_t) request->body->total_len);
 	curl_easy_setopt(curl_handle, CURLOPT_WRITEFUNCTION, collect_body);
 	curl_easy_setopt(curl_handle, CURLOPT_WRITEDATA, result);
 	curl_easy_setopt(curl_handle, CURLOPT_NOPROGRESS, 0L);
@@ -225,6 +326,8 @@ http_post(const HttpRequest *request, HttpResult *result)
 
 	headers = curl_slist_append(headers, "Content-Type: application/json");
 	headers = curl_slist_append(headers, "Expect:");
+	if (request->gzip)
+		headers = curl_slist_append(headers, "Content-Encoding: gzip");
 	snprintf(header, sizeof(header), "Idempotency-Key: %s", request->batch_id);
 	headers = curl_slist_append(headers, header);
 	if (request->token != NULL && request->token[0] != '\0')
@@ -239,6 +342,8 @@ http_post(const HttpRequest *request, HttpResult *result)
 
 	code = curl_easy_perform(curl_handle);
 	curl_slist_free_all(headers);
+	body_stream_end(stream);
+	pfree(stream);
 	/* libcurl keeps no copy of the header list once the transfer is done */
 
 	if (code == CURLE_OK)

@@ -28,6 +28,7 @@ char	   *portal_sync_auth_token = NULL;
 char	   *portal_sync_auth_token_file = NULL;
 char	   *portal_sync_ca_file = NULL;
 bool		portal_sync_allow_insecure_http = false;
+int			portal_sync_compression = PORTAL_SYNC_COMPRESSION_GZIP;
 int			portal_sync_batch_size = 500;
 int			portal_sync_max_batch_bytes = 4096;	/* kB */
 int			portal_sync_http_timeout = 30000;	/* ms */
@@ -37,6 +38,12 @@ int			portal_sync_log_retention = 30 * 24 * 60;	/* min */
 int			portal_sync_max_workers = 8;
 
 void		_PG_init(void);
+
+static const struct config_enum_entry compression_options[] = {
+	{"gzip", PORTAL_SYNC_COMPRESSION_GZIP, false},
+	{"off", PORTAL_SYNC_COMPRESSION_OFF, false},
+	{NULL, 0, false}
+};
 
 /*
  * The token is a secret: SHOW and pg_settings print a mask instead of it to
@@ -98,6 +105,16 @@ define_settings(void)
 							 &portal_sync_allow_insecure_http,
 							 false,
 							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+
+	/* per database: a superuser may ALTER DATABASE ... SET it */
+	DefineCustomEnumVariable("portal_sync.compression",
+							 "Compression of the bodies POSTed to the portal.",
+							 "gzip: Content-Encoding: gzip; off: plain JSON.",
+							 &portal_sync_compression,
+							 PORTAL_SYNC_COMPRESSION_GZIP,
+							 compression_options,
+							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
 
 	DefineCustomIntVariable("portal_sync.batch_size",

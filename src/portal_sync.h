@@ -21,12 +21,17 @@
 #define PORTAL_SYNC_SCHEMA "portal_sync"
 #define PORTAL_SYNC_VERSION "1.1"
 
+/* Values of portal_sync.compression */
+#define PORTAL_SYNC_COMPRESSION_OFF		0
+#define PORTAL_SYNC_COMPRESSION_GZIP	1
+
 /* Settings (portal_sync.c) */
 extern char *portal_sync_endpoint;
 extern char *portal_sync_auth_token;
 extern char *portal_sync_auth_token_file;
 extern char *portal_sync_ca_file;
 extern bool portal_sync_allow_insecure_http;
+extern int	portal_sync_compression;
 extern int	portal_sync_batch_size;
 extern int	portal_sync_max_batch_bytes;
 extern int	portal_sync_http_timeout;

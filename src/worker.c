@@ -106,6 +106,7 @@ typedef struct DeliveryState
 	TimestampTz housekeeping_at;
 	int			refusals_in_row;	/* events dead-lettered alone in a row */
 	int			refusal_status; /* ... each with this HTTP status */
+	bool		gzip_refused;	/* the portal answered 415 to gzip, until reload */
 } DeliveryState;
 
 static WorkerSlot *my_slot = NULL;
@@ -935,6 +936,24 @@ retry_batch_later(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
 }
 
 /*
+ * The portal answered 415 to a compressed body: it gets plain JSON from
+ * now on, until the next reload, and the DBA can see why.  The batch is
+ * sent again at once, with the same batch_id: its JSON is the same.
+ */
+static void
+stop_compressing(DeliveryState *delivery)
+{
+	delivery->gzip_refused = true;
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	strlcpy(my_slot->last_error,
+			"the portal answered HTTP 415 to a gzip-compressed body: sending uncompressed bodies"
+			" until the next configuration reload (set portal_sync.compression = off to keep it so)",
+			WORKER_ERROR_LEN);
+	my_slot->last_error_at = GetCurrentTimestamp();
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
  * POST the current batch and act on the answer.
  */
 static void
@@ -954,6 +973,8 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 	request.timeout_ms = portal_sync_http_timeout;
 	request.batch_id = batch->batch_id;
 	request.body = &batch->body;
+	request.gzip = portal_sync_compression == PORTAL_SYNC_COMPRESSION_GZIP &&
+		!delivery->gzip_refused;
 
 	pgstat_report_activity(STATE_RUNNING, "portal_sync: sending a batch");
 	note_snapshot_events(delivery, batch, false);
@@ -975,6 +996,11 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 		delivery->refusals_in_row = 0;
 		delivery->batch = NULL;
 	}
+	else if (status == 415 && request.gzip)
+	{
+		record_answer(delivery, batch, sent_at, status, false);
+		stop_compressing(delivery);
+	}
 	else if (status >= 200 && status < 300)
 		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
 						  psprintf("the portal answered HTTP %d with a body that %s: not accepted",
@@ -986,7 +1012,7 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 						  psprintf("authentication failed: the portal answered HTTP %d", status),
 						  true);
 	else if ((status >= 300 && status < 400) || status == 404 || status == 405 ||
-			 status == 410)
+			 status == 410 || status == 415)
 		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
 						  psprintf("the endpoint looks misconfigured: the portal answered HTTP %d%s; check portal_sync.endpoint",
 								   status, status < 400 ? " (redirects are not followed)" : ""),
@@ -1308,6 +1334,8 @@ portal_sync_worker_main(Datum arg)
 			}
 			/* a new endpoint or token deserves an attempt now */
 			delivery.next_attempt_at = 0;
+			/* and a portal that refused gzip, another chance */
+			delivery.gzip_refused = false;
 		}
 
 		MemoryContextSwitchTo(step_context);

@@ -48,7 +48,7 @@ export DEBIAN_FRONTEND=noninteractive
 unset PGTZ PGOPTIONS PGDATABASE PGHOST PGPORT PGUSER || true
 
 PACKAGES=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
-		  libjson-c-dev pkg-config gcc make python3)
+		  libjson-c-dev zlib1g-dev pkg-config gcc make python3)
 
 T0=$SECONDS
 say() { printf '\n== [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }

@@ -40,7 +40,7 @@ if [ "${PORTAL_SYNC_SKIP_PACKAGES:-0}" != 1 ]; then
 	say "packages"
 	install_packages "${TMPDIR:-/tmp}/portal_sync-apt-memory.log" \
 		cppcheck clang-tidy clang-14 libclang-rt-14-dev patchelf gcc make pkg-config \
-		postgresql-server-dev-15 libcurl4-openssl-dev libjson-c-dev python3
+		postgresql-server-dev-15 libcurl4-openssl-dev libjson-c-dev zlib1g-dev python3
 fi
 
 # The checks run from a copy of the tree readable by postgres (the fuzzers

@@ -35,7 +35,7 @@ export DEBIAN_FRONTEND=noninteractive
 # Everything the build, the tests and the benchmarks use.
 PACKAGES=(
 	postgresql-15 postgresql-client-15 postgresql-server-dev-15
-	libcurl4-openssl-dev libjson-c-dev pkg-config gcc make
+	libcurl4-openssl-dev libjson-c-dev zlib1g-dev pkg-config gcc make
 	perl libipc-run-perl
 	nginx-light python3 ca-certificates openssl
 )

@@ -14,6 +14,7 @@ when the whole request body has been read, before it is parsed.
 """
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -26,6 +27,21 @@ RESPONSE = (b'HTTP/1.1 200 OK\r\n'
             b'Content-Length: 2\r\n'
             b'\r\n'
             b'{}')
+
+
+def read_request_body(handler):
+    """The body as sent: Content-Length or chunked (compressed bodies)."""
+    if (handler.headers.get('Transfer-Encoding') or '').lower() != 'chunked':
+        return handler.rfile.read(int(handler.headers.get('Content-Length') or 0))
+    parts = []
+    while True:
+        size = int(handler.rfile.readline(1024).split(b';')[0].strip() or b'0', 16)
+        if size == 0:
+            while handler.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
+                pass
+            return b''.join(parts)
+        parts.append(handler.rfile.read(size))
+        handler.rfile.readline(8)
 
 
 def serve(args):
@@ -42,16 +58,17 @@ def serve(args):
             pass
 
         def do_POST(self):
-            length = int(self.headers.get('Content-Length') or 0)
-            body = self.rfile.read(length)
+            body = read_request_body(self)
             arrival = time.time()
             # One write: headers and body in one segment.
             self.wfile.write(RESPONSE)
             self.wfile.flush()
             lines = []
             try:
+                if (self.headers.get('Content-Encoding') or '') == 'gzip':
+                    body = gzip.decompress(body)
                 events = json.loads(body).get('events', [])
-            except ValueError:
+            except (ValueError, OSError, EOFError):
                 with lock:
                     counters['bad'] += 1
                 return

@@ -46,7 +46,9 @@ Control API (JSON in, JSON out):
                                     {"name": "a"} (at most "seconds"), then
                                     go on with the next rules
         {"mode": "random_fail", "rate": 0.3, "status": 500, "seed": 1}
-        {"mode": "max_body", "bytes": 4096}                  413 when larger
+        {"mode": "max_body", "bytes": 4096}                  413 when the JSON
+                                    is larger (before any compression)
+        {"mode": "refuse_gzip"}     415 to gzip-compressed bodies
         {"mode": "close"}           drop the connection without answering
         {"mode": "require_token", "token": "abc"}            401 unless
                                     "Authorization: Bearer abc"
@@ -66,6 +68,8 @@ Control API (JSON in, JSON out):
 import argparse
 import hashlib
 import decimal
+import gzip
+import zlib
 import json
 import random
 import re
@@ -149,7 +153,7 @@ class Portal:
             m = r.get('mode', 'ok')
             if m not in ('ok', 'status', 'reject_event', 'rejected_list',
                          'hang', 'delay', 'gate', 'random_fail', 'max_body',
-                         'close', 'require_token'):
+                         'close', 'require_token', 'refuse_gzip'):
                 raise ValueError('unknown mode %r' % m)
             r['mode'] = m
             if 'seed' in r:
@@ -407,6 +411,11 @@ class Portal:
                 if self.rng.random() < float(r.get('rate', 0.3)):
                     decided = ('answer', int(r.get('status', 500)), {},
                                {'error': 'random failure'}, set(), 0, False)
+            elif m == 'refuse_gzip':
+                if headers.get('Content-Encoding'):
+                    decided = ('answer', 415, {'Accept-Encoding': 'identity'},
+                               {'error': 'unsupported content encoding'},
+                               set(), 0, False)
             elif m == 'max_body':
                 if len(raw) > int(r.get('bytes', 4096)):
                     decided = ('answer', 413, {}, {'error': 'too large'},
@@ -481,6 +490,29 @@ class Handler(BaseHTTPRequestHandler):
 
     # -------------------------------------------------------------- helpers
     def read_body(self):
+        """The request body as sent (Content-Length or chunked); sets
+        self.body_complete."""
+        self.body_complete = True
+        if (self.headers.get('Transfer-Encoding') or '').lower() == 'chunked':
+            parts = []
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b';')[0].strip(), 16)
+                except ValueError:
+                    self.body_complete = False
+                    break
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b'\r\n', b'\n', b''):
+                        pass            # trailers
+                    break
+                data = self.rfile.read(size)
+                self.rfile.readline(8)  # CRLF after the chunk
+                if len(data) < size:
+                    self.body_complete = False
+                    break
+                parts.append(data)
+            return b''.join(parts)
         n = int(self.headers.get('Content-Length') or 0)
         data = b''
         while len(data) < n:
@@ -488,6 +520,7 @@ class Handler(BaseHTTPRequestHandler):
             if not chunk:
                 break
             data += chunk
+        self.body_complete = len(data) == n
         return data
 
     def answer_raw(self, status, raw):
@@ -592,8 +625,7 @@ class Handler(BaseHTTPRequestHandler):
     # -------------------------------------------------------------- delivery
     def delivery(self, raw):
         portal = self.server.portal
-        expected = int(self.headers.get('Content-Length') or 0)
-        if len(raw) < expected:
+        if not self.body_complete:
             # The sender went away in the middle of the body (a killed
             # worker): nothing was delivered, and there is nobody to answer.
             self.close_connection = True
@@ -601,11 +633,21 @@ class Handler(BaseHTTPRequestHandler):
         hdrs = {k: self.headers.get(k) for k in
                 ('Authorization', 'Idempotency-Key', 'User-Agent',
                  'Content-Type', 'Content-Length', 'Expect',
-                 'Content-Encoding')}
+                 'Content-Encoding', 'Transfer-Encoding')}
         body = None
         parse_error = None
+        wire = raw
+        encoding = (hdrs.get('Content-Encoding') or '').lower()
+        if encoding == 'gzip':
+            try:
+                raw = gzip.decompress(wire)
+            except (OSError, EOFError, zlib.error) as e:
+                parse_error = 'body is not valid gzip: %s' % type(e).__name__
+        elif encoding not in ('', 'identity'):
+            parse_error = 'Content-Encoding is %r' % encoding
         try:
-            body = jload(raw)
+            if parse_error is None:
+                body = jload(raw)
         except (ValueError, UnicodeDecodeError) as e:
             parse_error = 'body is not JSON: %s' % type(e).__name__
         events = body.get('events') if isinstance(body, dict) else None
@@ -616,7 +658,8 @@ class Handler(BaseHTTPRequestHandler):
             summary = {
                 'n': reqno, 'time': time.time(), 'time_iso': now_iso(),
                 'path': self.path, 'method': 'POST', 'headers': hdrs,
-                'bytes': len(raw),
+                'bytes': len(wire), 'json_bytes': len(raw),
+                'encoding': encoding or None,
                 'batch_id': body.get('batch_id') if isinstance(body, dict) else None,
                 'practice_id': body.get('practice_id') if isinstance(body, dict) else None,
                 'events': [ev if isinstance(ev, dict) else {'bad': True}

@@ -341,7 +341,7 @@ ps_compare_state($node, $db, $portal, 'after connection refused');
 	ok(ps_wait_drained($node, $db), '413: drained');
 	my $reqs = $portal->requests(since => $mark);
 	ok(grep({ $_->{status} eq '413' } @$reqs), '413 was answered');
-	ok(!grep({ $_->{status} =~ /^2/ && $_->{bytes} > 6000 } @$reqs), '413: accepted batches fit');
+	ok(!grep({ $_->{status} =~ /^2/ && $_->{json_bytes} > 6000 } @$reqs), '413: accepted batches fit');
 	no_dead_letters('413');
 	ps_compare_state($node, $db, $portal, 'after 413');
 	$portal->mode({ mode => 'ok' });
@@ -357,10 +357,10 @@ ps_compare_state($node, $db, $portal, 'after connection refused');
 		  VALUES (2, 'Dr. Longer', 'encounter', '2024-08-02', true, repeat('longer note ', 8000));});
 	ok(ps_wait_drained($node, $db), 'max_batch_bytes 64kB: drained');
 	my $reqs = $portal->requests(since => $mark);
-	my @big = grep { $_->{bytes} > 65536 && @{ $_->{events} } > 1 } @$reqs;
+	my @big = grep { $_->{json_bytes} > 65536 && @{ $_->{events} } > 1 } @$reqs;
 	ok(!@big, 'no batch of several events above max_batch_bytes')
-	  or diag(join(' ', map { "$_->{bytes}B/" . scalar(@{ $_->{events} }) . 'ev' } @big));
-	ok(grep({ $_->{bytes} > 65536 && @{ $_->{events} } == 1 && $_->{status} =~ /^2/ } @$reqs),
+	  or diag(join(' ', map { "$_->{json_bytes}B/" . scalar(@{ $_->{events} }) . 'ev' } @big));
+	ok(grep({ $_->{json_bytes} > 65536 && @{ $_->{events} } == 1 && $_->{status} =~ /^2/ } @$reqs),
 		'a larger single event is sent alone');
 	ps_compare_state($node, $db, $portal, 'max_batch_bytes');
 	no_dead_letters('max_batch_bytes');

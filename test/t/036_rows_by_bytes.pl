@@ -43,7 +43,7 @@ my $docs = ps_portal_items($portal, 'postgres')->{1}{ccda} || {};
 is(scalar keys %$docs, 60, 'all 60 documents are on the portal');
 my @reqs = grep { ($_->{status} // '') =~ /^2/ } @{ $portal->requests(since => $mark) };
 cmp_ok(scalar @reqs, '>=', 10, 'sent in pieces of about max_batch_bytes (' . scalar(@reqs) . ' requests)');
-cmp_ok((sort { $b <=> $a } map { $_->{bytes} } @reqs)[0], '<', 2 * 1024 * 1024, 'no request of 2 MB or more');
+cmp_ok((sort { $b <=> $a } map { $_->{json_bytes} } @reqs)[0], '<', 2 * 1024 * 1024, 'no request of 2 MB or more');
 
 # ---------------------------------------------------------------- 2
 my $open = $node->background_psql($db);
