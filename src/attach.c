@@ -650,7 +650,9 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 	SPI_finish();
 	restore_user(&owner);
 
+	/* capture (this table) and the delivery worker (the source list) */
 	CacheInvalidateRelcache(rel);
+	CacheInvalidateRelcacheByRelid(portal_sync_relid("source"));
 	table_close(rel, NoLock);
 	PG_RETURN_VOID();
 }
@@ -700,7 +702,9 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 	SPI_finish();
 	restore_user(&owner);
 
+	/* capture (this table) and the delivery worker (the source list) */
 	CacheInvalidateRelcache(rel);
+	CacheInvalidateRelcacheByRelid(portal_sync_relid("source"));
 	table_close(rel, NoLock);
 	PG_RETURN_VOID();
 }

@@ -142,7 +142,7 @@ load_worker_sources(void)
 					  " pa.atttypid, ka.atttypid,"
 					  " (SELECT pg_catalog.format_type(ca.atttypid, NULL) FROM portal_sync.source cs"
 					  "  JOIN pg_catalog.pg_attribute ca ON ca.attrelid = cs.relid AND ca.attnum = cs.patient_attnum"
-					  "  WHERE cs.kind = 'patient')"
+					  "  WHERE cs.kind = 'patient'), s.relid"
 					  " FROM portal_sync.source s"
 					  " JOIN pg_catalog.pg_class c ON c.oid = s.relid"
 					  " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
@@ -187,35 +187,72 @@ load_worker_sources(void)
 			elog(ERROR, "portal_sync.source holds an unknown kind");
 		source->name = SPI_getvalue(tuple, desc, 3);
 
-		source->rows_by_key_sql =
+		source->relid = DatumGetObjectId(SPI_getbinval(tuple, desc, 17, &isnull));
+		source->rows_by_key.sql =
 			psprintf("SELECT %s, %s, %s,"
 					 " CASE WHEN %s THEN %s END"
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
 					 key_text, patient_text, shareable, shareable, row_json,
 					 rel, key_col, key_type);
-		source->snapshot_sql =
+		source->rows_by_key.third_type = TEXTARRAYOID;
+		source->snapshot.sql =
 			psprintf("SELECT %s, %s"
 					 " FROM %s t WHERE t.%s = $3::pg_catalog.text::%s AND %s ORDER BY t.%s",
 					 key_text, row_json, rel, patient_col, id_type, shareable, key_col);
-		source->row_sizes_sql =
+		source->snapshot.third_type = TEXTOID;
+
+		/*
+		 * The patient as it was asked for (p.id), not as the row spells
+		 * it: the caller finds each patient's rows under the id it gave.
+		 */
+		source->snapshots.sql =
+			psprintf("SELECT p.id, %s, %s"
+					 " FROM pg_catalog.unnest($3::pg_catalog.text[]) WITH ORDINALITY AS p(id, n)"
+					 " JOIN %s t ON t.%s = p.id::%s"
+					 " WHERE %s ORDER BY p.n, t.%s",
+					 key_text, row_json, rel, patient_col, id_type, shareable, key_col);
+		source->snapshots.third_type = TEXTARRAYOID;
+		source->row_sizes.sql =
 			psprintf("SELECT %s, pg_catalog.octet_length(%s)"
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
 					 key_text, row_json, rel, key_col, key_type);
-		source->row_owner_sql =
+		source->row_sizes.third_type = TEXTARRAYOID;
+		source->row_owner.sql =
 			psprintf("SELECT %s FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s",
 					 patient_text, rel, key_col, key_type);
-		source->all_keys_sql =
+		source->row_owner.third_type = TEXTOID;
+		source->all_keys.sql =
 			psprintf("SELECT %s FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s ORDER BY t.%s",
 					 key_text, rel, patient_col, id_type, key_col);
+		source->all_keys.third_type = TEXTOID;
+		if (source->kind == SOURCE_CCDA)
+		{
+			/*
+			 * One outbox entry per patient that has documents, with all
+			 * their keys; the patient as it was asked for (p.id).
+			 */
+			source->requeue_documents.sql =
+				psprintf("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
+						 " SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
+						 " p.id, %d, 'u', pg_catalog.array_agg(%s ORDER BY t.%s), pg_catalog.now()"
+						 " FROM pg_catalog.unnest($3::pg_catalog.text[]) WITH ORDINALITY AS p(id, n)"
+						 " JOIN %s t ON t.%s = p.id::%s"
+						 " GROUP BY p.n, p.id ORDER BY p.n",
+						 source->source_id, key_text, key_col, rel, patient_col, id_type);
+			source->requeue_documents.third_type = TEXTARRAYOID;
+		}
 		if (source->kind == SOURCE_PATIENT)
-			source->chart_sql =
+		{
+			source->chart.sql =
 				psprintf("SELECT %s, %s FROM %s t"
 						 " WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
 						 patient_text,
 						 privacy_col ? psprintf("COALESCE(t.%s, 0) <= $2", quote_identifier(privacy_col)) : "true",
 						 rel, patient_col, patient_type);
+			source->chart.third_type = TEXTARRAYOID;
+		}
 		sources = lappend(sources, source);
 	}
 	return sources;
@@ -254,18 +291,68 @@ text_array(char **strings, int count)
 }
 
 /*
- * Run one of a source's statements with the rule parameters and $3.
+ * Run one of a source's statements with the rule parameters and $3.  It
+ * is parsed and planned once, the first time, and the plan is kept: the
+ * worker runs the same statements for every unit.  (The plan cache still
+ * plans it again when the table or what it uses changes.)
  */
 static void
-run_source_statement(const char *sql, Oid third_type, Datum third)
+execute_source_statement(SourceStatement *statement, Datum third, bool read_only,
+						 int expected)
 {
-	Oid			types[3] = {DATEOID, INT4OID, third_type};
+	MemoryContext caller = CurrentMemoryContext;
 	Datum		values[3] = {rule_values[0], rule_values[1], third};
 	int			ret;
 
-	ret = spi_query(sql, 3, types, values, rule_nulls, true);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading an attached table failed: %s", SPI_result_code_string(ret));
+	if (statement->plan == NULL)
+	{
+		Oid			types[3] = {DATEOID, INT4OID, statement->third_type};
+		SPIPlanPtr	plan = SPI_prepare(statement->sql, 3, types);
+
+		if (plan == NULL)
+			elog(ERROR, "preparing a statement on an attached table failed: %s",
+				 SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "keeping a plan failed");
+		statement->plan = plan;
+	}
+	ret = SPI_execute_plan(statement->plan, values, rule_nulls, read_only, 0);
+	MemoryContextSwitchTo(caller);
+	if (ret != expected)
+		elog(ERROR, "a statement on an attached table failed: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * Run one of a source's reading statements.
+ */
+static void
+run_source_statement(SourceStatement *statement, Datum third)
+{
+	execute_source_statement(statement, third, true, SPI_OK_SELECT);
+}
+
+/*
+ * Free the kept plans of a source list (before it is loaded again).
+ */
+void
+free_worker_source_plans(List *sources)
+{
+	ListCell   *lc;
+
+	foreach(lc, sources)
+	{
+		WorkerSource *source = lfirst(lc);
+		SourceStatement *statements[] = {&source->rows_by_key, &source->snapshot,
+			&source->snapshots, &source->all_keys,
+		&source->row_owner, &source->row_sizes, &source->chart, &source->requeue_documents};
+
+		for (int i = 0; i < lengthof(statements); i++)
+		{
+			if (statements[i]->plan != NULL)
+				SPI_freeplan(statements[i]->plan);
+			statements[i]->plan = NULL;
+		}
+	}
 }
 
 /* Rule errors of the unit being built, per source and SQLSTATE. */
@@ -306,7 +393,7 @@ is_rule_error(int sqlerrcode)
  * back; any other error is raised on.
  */
 static int
-try_source_statement(const char *sql, Oid third_type, Datum third)
+try_source_statement(SourceStatement *statement, Datum third)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -316,7 +403,7 @@ try_source_statement(const char *sql, Oid third_type, Datum third)
 	MemoryContextSwitchTo(caller);
 	PG_TRY();
 	{
-		run_source_statement(sql, third_type, third);
+		run_source_statement(statement, third);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(caller);
 		CurrentResourceOwner = owner;
@@ -437,8 +524,7 @@ collect_rows_by_key(HTAB *rows)
 void
 read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 {
-	int			sqlerrcode = try_source_statement(source->rows_by_key_sql, TEXTARRAYOID,
-												  text_array(keys, nkeys));
+	int			sqlerrcode = try_source_statement(&source->rows_by_key, text_array(keys, nkeys));
 
 	if (sqlerrcode == 0)
 	{
@@ -448,14 +534,13 @@ read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 
 	for (int k = 0; k < nkeys; k++)
 	{
-		sqlerrcode = try_source_statement(source->rows_by_key_sql, TEXTARRAYOID,
-										  text_array(&keys[k], 1));
+		sqlerrcode = try_source_statement(&source->rows_by_key, text_array(&keys[k], 1));
 		if (sqlerrcode == 0)
 			collect_rows_by_key(rows);
 		else
 		{
 			/* the row as the rules cannot see it: its key and patient */
-			run_source_statement(source->row_owner_sql, TEXTOID, CStringGetTextDatum(keys[k]));
+			run_source_statement(&source->row_owner, CStringGetTextDatum(keys[k]));
 			if (SPI_processed > 0)
 			{
 				bool		found;
@@ -479,7 +564,7 @@ read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 void
 read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes)
 {
-	run_source_statement(source->row_sizes_sql, TEXTARRAYOID, text_array(keys, nkeys));
+	run_source_statement(&source->row_sizes, text_array(keys, nkeys));
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		bool		found;
@@ -501,7 +586,7 @@ read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes)
 void
 read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *charts)
 {
-	run_source_statement(chart_source->chart_sql, TEXTARRAYOID, text_array(patient_ids, count));
+	run_source_statement(&chart_source->chart, text_array(patient_ids, count));
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -527,8 +612,7 @@ List *
 read_snapshot_rows(WorkerSource *source, const char *patient_id)
 {
 	List	   *result = NIL;
-	int			sqlerrcode = try_source_statement(source->snapshot_sql, TEXTOID,
-												  CStringGetTextDatum(patient_id));
+	int			sqlerrcode = try_source_statement(&source->snapshot, CStringGetTextDatum(patient_id));
 
 	if (sqlerrcode == 0)
 	{
@@ -581,5 +665,61 @@ read_snapshot_rows(WorkerSource *source, const char *patient_id)
 void
 read_all_keys(WorkerSource *source, const char *patient_id)
 {
-	run_source_statement(source->all_keys_sql, TEXTOID, CStringGetTextDatum(patient_id));
+	run_source_statement(&source->all_keys, CStringGetTextDatum(patient_id));
+}
+
+/*
+ * Queue all C-CDA documents of these patients again (one outbox entry per
+ * patient that has any), in one statement: after their snapshots were
+ * accepted, the documents go, each as an upsert or a delete.
+ */
+void
+requeue_documents(WorkerSource *source, char **patient_ids, int count)
+{
+	execute_source_statement(&source->requeue_documents, text_array(patient_ids, count),
+							 false, SPI_OK_INSERT);
+}
+
+/*
+ * The shareable rows of many patients in a source, for their snapshots,
+ * in one statement: into the map (entries are SnapshotRows, keyed by the
+ * patient id as given) a list of SourceRow in key order for each patient
+ * that has rows.  Returns false, reading nothing, if the rules fail on
+ * some row: then each patient is read alone (read_snapshot_rows), which
+ * withholds only the rows they fail on.
+ */
+bool
+read_snapshots_rows(WorkerSource *source, char **patient_ids, int count, HTAB *rows_by_patient)
+{
+	SnapshotRows *current = NULL;
+
+	if (try_source_statement(&source->snapshots, text_array(patient_ids, count)) != 0)
+		return false;
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *patient_id = SPI_getvalue(tuple, desc, 1);
+		SourceRow  *row = palloc0(sizeof(SourceRow));
+
+		if (current == NULL || strcmp(current->patient_id, patient_id) != 0)
+		{
+			bool		found;
+
+			current = string_map_enter(rows_by_patient, patient_id, &found);
+			if (!found)
+				current->rows = NIL;
+		}
+		row->key = SPI_getvalue(tuple, desc, 2);
+		row->patient_id = current->patient_id;
+		row->shareable = true;
+		row->data_json = SPI_getvalue(tuple, desc, 3);
+		current->rows = lappend(current->rows, row);
+		/* rows of megabytes are not kept twice */
+		heap_freetuple(tuple);
+		SPI_tuptable->vals[i] = NULL;
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return true;
 }

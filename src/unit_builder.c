@@ -61,6 +61,7 @@
 #include "delivery.h"
 #include "shared_state.h"
 #include "source_reader.h"
+#include "worker_sources.h"
 #include "string_map.h"
 
 /* What the unit knows of one patient. */
@@ -91,12 +92,19 @@ typedef struct EmittedItem
 	DeliveryEvent *event;
 } EmittedItem;
 
-/* Rows read by key, per source. */
+/* Rows read by key, and snapshot rows read ahead, per source. */
 typedef struct SourceRows
 {
 	WorkerSource *source;
 	HTAB	   *rows;			/* of SourceRow */
+	HTAB	   *snapshot_rows;	/* of SnapshotRows, by patient */
 } SourceRows;
+
+/* A patient whose snapshot rows were read ahead (all sources). */
+typedef struct ReadAheadMark
+{
+	char	   *patient_id;
+} ReadAheadMark;
 
 typedef struct UnitBuilder
 {
@@ -108,8 +116,21 @@ typedef struct UnitBuilder
 	HTAB	   *emitted;		/* of EmittedItem */
 	int			nevents;
 	size_t		nbytes;			/* of the events' row data */
+	int			max_events;		/* the unit's limits */
+	size_t		max_bytes;
+	HTAB	   *read_ahead;		/* of ReadAheadMark: snapshot rows read */
 	HTAB	   *sent;			/* what earlier attempts sent (worker.c) */
 } UnitBuilder;
+
+/*
+ * What a snapshot held on average (rows and bytes, markers excluded), for
+ * sizing the next read-ahead; negative until the first one.
+ */
+static double rows_per_snapshot = -1;
+static double bytes_per_snapshot = -1;
+
+/* Most patients whose snapshots are read in one statement per source. */
+#define MAX_READ_AHEAD_PATIENTS	1000
 
 /* Where the next unit starts reading the outbox (see the file header). */
 static int64 scan_cursor = 0;
@@ -356,10 +377,9 @@ hold_patients_of_snapshots_ahead(UnitBuilder *builder, char **patient_ids, int n
 static void
 load_sources(UnitBuilder *builder)
 {
-	List	   *worker_sources = load_worker_sources();
 	ListCell   *lc;
 
-	foreach(lc, worker_sources)
+	foreach(lc, worker_sources())
 	{
 		WorkerSource *source = lfirst(lc);
 		SourceRows *source_rows = palloc0(sizeof(SourceRows));
@@ -367,6 +387,9 @@ load_sources(UnitBuilder *builder)
 		source_rows->source = source;
 		source_rows->rows = string_map_create("portal_sync rows", sizeof(SourceRow),
 											  CurrentMemoryContext);
+		source_rows->snapshot_rows = string_map_create("portal_sync snapshot rows",
+													   sizeof(SnapshotRows),
+													   CurrentMemoryContext);
 		builder->sources = lappend(builder->sources, source_rows);
 		if (source->kind == SOURCE_PATIENT && builder->chart_source == NULL)
 			builder->chart_source = source;
@@ -687,6 +710,130 @@ item_id(PatientState *patient, int32 source_id, const char *key)
 }
 
 /*
+ * Would this entry become a snapshot when served?  A guess from what is
+ * known before serving (serve_request decides): a wrong guess only reads
+ * rows for nothing, or leaves a patient to be read alone.
+ */
+static bool
+likely_snapshot(UnitBuilder *builder, int entry_index)
+{
+	OutboxEntry *entry = &builder->unit->entries[entry_index];
+	PatientState *patient;
+
+	if (entry->op != OUTBOX_OP_SNAPSHOT && entry->op != OUTBOX_OP_ENROLL)
+		return false;
+	patient = string_map_find(builder->patients, entry->patient_id);
+	return patient != NULL && patient->enrolled && patient->chart_shareable &&
+		!patient->waiting && !patient->snapshot_ahead && patient->unenroll_request < 0 &&
+		entry_index == patient->last_request;
+}
+
+/*
+ * Read the snapshot rows of this entry's patient and of the patients of
+ * the next entries that will likely snapshot too, in one statement per
+ * source: a go-live enrolls thousands of patients at once, and a
+ * statement per patient and source is what made it slow.  As many
+ * patients as the unit has room for, judged from the snapshots read so
+ * far (one alone the first time), so that what is read stays about the
+ * unit's size in events and bytes.  All reads use the unit's snapshot, so
+ * rows read ahead are the rows a read at serving time would see.
+ */
+static void
+read_snapshots_ahead(UnitBuilder *builder, int entry_index)
+{
+	OutboxEntry *entries = builder->unit->entries;
+	char	  **patient_ids;
+	int			npatients = 0;
+	int			wanted = 1;
+	int64		rows = 0;
+	double		bytes = 0;
+	bool		found;
+	ListCell   *lc;
+
+	if (rows_per_snapshot >= 0)
+	{
+		double		by_events = (builder->max_events - builder->nevents) / (rows_per_snapshot + 2);
+		double		by_bytes = (builder->max_bytes - Min(builder->nbytes, builder->max_bytes)) /
+			(bytes_per_snapshot + 1);
+
+		wanted = (int) Max(1, Min(Min(by_events, by_bytes) + 1, MAX_READ_AHEAD_PATIENTS));
+	}
+
+	/* each patient is marked when asked for, so that it is asked for once */
+	patient_ids = palloc(wanted * sizeof(char *));
+	patient_ids[npatients++] = entries[entry_index].patient_id;
+	(void) string_map_enter(builder->read_ahead, entries[entry_index].patient_id, &found);
+	for (int i = entry_index + 1; i < builder->unit->nentries && npatients < wanted; i++)
+	{
+		if (likely_snapshot(builder, i) &&
+			string_map_find(builder->read_ahead, entries[i].patient_id) == NULL)
+		{
+			(void) string_map_enter(builder->read_ahead, entries[i].patient_id, &found);
+			patient_ids[npatients++] = entries[i].patient_id;
+		}
+	}
+
+	foreach(lc, builder->sources)
+	{
+		SourceRows *source_rows = lfirst(lc);
+		WorkerSource *source = source_rows->source;
+
+		if (source->kind == SOURCE_CCDA)
+			continue;
+		if (!read_snapshots_rows(source, patient_ids, npatients, source_rows->snapshot_rows))
+		{
+			/* the rules fail on some row: each patient alone */
+			for (int p = 0; p < npatients; p++)
+			{
+				SnapshotRows *patient_rows = string_map_enter(source_rows->snapshot_rows,
+															  patient_ids[p], &found);
+
+				patient_rows->rows = read_snapshot_rows(source, patient_ids[p]);
+			}
+		}
+		for (int p = 0; p < npatients; p++)
+		{
+			SnapshotRows *patient_rows = string_map_find(source_rows->snapshot_rows, patient_ids[p]);
+			ListCell   *rc;
+
+			if (patient_rows == NULL)
+				continue;
+			rows += list_length(patient_rows->rows);
+			foreach(rc, patient_rows->rows)
+			{
+				SourceRow  *row = lfirst(rc);
+
+				bytes += row->data_json ? strlen(row->data_json) : 0;
+			}
+		}
+	}
+
+	/* the latest read counts as much as all earlier ones */
+	if (rows_per_snapshot < 0)
+	{
+		rows_per_snapshot = (double) rows / npatients;
+		bytes_per_snapshot = bytes / npatients;
+	}
+	else
+	{
+		rows_per_snapshot = (rows_per_snapshot + (double) rows / npatients) / 2;
+		bytes_per_snapshot = (bytes_per_snapshot + bytes / npatients) / 2;
+	}
+	pfree(patient_ids);
+}
+
+/*
+ * A patient's shareable rows of a source for its snapshot, read ahead.
+ */
+static List *
+snapshot_rows_of(SourceRows *source_rows, const char *patient_id)
+{
+	SnapshotRows *patient_rows = string_map_find(source_rows->snapshot_rows, patient_id);
+
+	return patient_rows != NULL ? patient_rows->rows : NIL;
+}
+
+/*
  * Emit a patient's snapshot: begin, every shareable item of every source
  * but C-CDA documents, end, all reporting the request.  The end consumes
  * the request and the patient's earlier requests in the unit; later
@@ -734,18 +881,22 @@ emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 			preset_seq = patient->snapshot_seq;
 	}
 
+	if (string_map_find(builder->read_ahead, entry->patient_id) == NULL)
+		read_snapshots_ahead(builder, entry_index);
+
 	patient->epoch++;
 	begin = add_event(builder, marker_entry, NULL, NULL, EVENT_SNAPSHOT_BEGIN, NULL);
 	begin->preset_seq = preset_seq;
 	foreach(lc, builder->sources)
 	{
-		WorkerSource *source = ((SourceRows *) lfirst(lc))->source;
+		SourceRows *source_rows = lfirst(lc);
+		WorkerSource *source = source_rows->source;
 		List	   *rows;
 		ListCell   *rc;
 
 		if (source->kind == SOURCE_CCDA)
 			continue;
-		rows = read_snapshot_rows(source, entry->patient_id);
+		rows = snapshot_rows_of(source_rows, entry->patient_id);
 		foreach(rc, rows)
 		{
 			SourceRow  *row = lfirst(rc);
@@ -760,7 +911,6 @@ emit_snapshot(UnitBuilder *builder, int entry_index, PatientState *patient)
 									   item_id(patient, source->source_id, row->key), &found);
 			emitted->event = item;
 		}
-		list_free(rows);
 	}
 	end = add_event(builder, marker_entry, NULL, NULL, EVENT_SNAPSHOT_END, NULL);
 	end->shares_seq = true;
@@ -1480,6 +1630,10 @@ build_delivery_unit(SharingSettings *settings, int max_events, size_t max_bytes,
 	builder.unit = unit;
 	builder.settings = settings;
 	builder.sent = accepted;
+	builder.max_events = max_events;
+	builder.max_bytes = max_bytes;
+	builder.read_ahead = string_map_create("portal_sync snapshots read", sizeof(ReadAheadMark),
+										   CurrentMemoryContext);
 
 	/* transactions waited for must end before the unit's snapshot */
 	snapshot_waits_refresh();

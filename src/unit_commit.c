@@ -26,6 +26,7 @@
 #include "delivery.h"
 #include "shared_state.h"
 #include "source_reader.h"
+#include "worker_sources.h"
 
 /*
  * Build a text[] or int8[] datum.
@@ -170,65 +171,117 @@ insert_dead_letter(DeliveryEvent *event)
 					9, types, values, nulls, SPI_OK_INSERT);
 }
 
+/* The snapshot ends of a batch the portal accepted, applied together. */
+typedef struct AcceptedEnds
+{
+	int			count;
+	char	  **patients;		/* distinct, in batch order */
+	int64	   *seqs;			/* ... the seq of its last complete snapshot */
+	bool	   *complete;		/* ... whether it had one (no items after it) */
+	HTAB	   *index;			/* of AcceptedEndIndex, by patient */
+} AcceptedEnds;
+
+typedef struct AcceptedEndIndex
+{
+	char	   *patient_id;
+	int			position;
+} AcceptedEndIndex;
+
 /*
- * After a patient's snapshot was accepted: record it, and queue the
- * patient's C-CDA documents, which are sent (or deleted) only now.
+ * Note a snapshot end the portal accepted; applied by
+ * apply_accepted_ends().  Several ends of one patient in a batch leave the
+ * state the last one would have left applied one after the other.
  */
 static void
-snapshot_accepted(DeliveryEvent *end)
+note_accepted_end(AcceptedEnds *ends, DeliveryEvent *end, int capacity)
 {
-	Oid			types[2] = {TEXTOID, INT8OID};
-	Datum		values[2] = {CStringGetTextDatum(end->patient_id), Int64GetDatum(end->seq)};
-	List	   *sources;
+	AcceptedEndIndex *entry;
+	bool		found;
+
+	if (ends->index == NULL)
+	{
+		ends->index = string_map_create("portal_sync accepted ends", sizeof(AcceptedEndIndex),
+										CurrentMemoryContext);
+		ends->patients = palloc(capacity * sizeof(char *));
+		ends->seqs = palloc(capacity * sizeof(int64));
+		ends->complete = palloc(capacity * sizeof(bool));
+	}
+	entry = string_map_enter(ends->index, end->patient_id, &found);
+	if (!found)
+	{
+		entry->position = ends->count++;
+		ends->patients[entry->position] = end->patient_id;
+		ends->seqs[entry->position] = 0;
+		ends->complete[entry->position] = false;
+	}
+	if (!end->items_follow)
+	{
+		ends->seqs[entry->position] = end->seq;
+		ends->complete[entry->position] = true;
+	}
+}
+
+/*
+ * After snapshots were accepted: record them, and queue the patients'
+ * C-CDA documents, which are sent (or deleted) only now.  One statement
+ * for all the batch's patients, and one per C-CDA source: a go-live
+ * accepts hundreds of snapshots per batch.
+ */
+static void
+apply_accepted_ends(AcceptedEnds *ends)
+{
+	Oid			types[3] = {TEXTARRAYOID, INT8ARRAYOID, BOOLARRAYOID};
+	Datum	   *patients;
+	Datum	   *seqs;
+	Datum	   *complete;
+	Datum		values[3];
 	ListCell   *lc;
+
+	if (ends->count == 0)
+		return;
+	patients = palloc(ends->count * sizeof(Datum));
+	seqs = palloc(ends->count * sizeof(Datum));
+	complete = palloc(ends->count * sizeof(Datum));
+	for (int i = 0; i < ends->count; i++)
+	{
+		patients[i] = CStringGetTextDatum(ends->patients[i]);
+		seqs[i] = Int64GetDatum(ends->seqs[i]);
+		complete[i] = BoolGetDatum(ends->complete[i]);
+	}
+	values[0] = make_array(patients, ends->count, TEXTOID);
+	values[1] = make_array(seqs, ends->count, INT8OID);
+	values[2] = PointerGetDatum(construct_array(complete, ends->count, BOOLOID, 1, true,
+												TYPALIGN_CHAR));
 
 	/*
 	 * Any accepted snapshot makes the patient ready, also one older than a
 	 * resync queued since: a C-CDA document waiting behind the newer
-	 * snapshot request would otherwise wait for it forever.
+	 * snapshot request would otherwise wait for it forever.  Only a
+	 * snapshot with nothing sent after its end is the patient's latest.
 	 */
-	execute_or_fail(end->items_follow
-					? "UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
-					" purged = false WHERE patient_id = $1 AND $2 IS NOT NULL"
-					: "UPDATE portal_sync.enrollment SET snapshot_accepted_at = pg_catalog.now(),"
-					" purged = false, snapshot_seq = $2, snapshot_request = NULL"
-					" WHERE patient_id = $1",
-					2, types, values, NULL, SPI_OK_UPDATE);
+	execute_or_fail("UPDATE portal_sync.enrollment e SET snapshot_accepted_at = pg_catalog.now(),"
+					" purged = false,"
+					" snapshot_seq = CASE WHEN a.complete THEN a.seq ELSE e.snapshot_seq END,"
+					" snapshot_request = CASE WHEN a.complete THEN NULL ELSE e.snapshot_request END"
+					" FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3))"
+					"  AS a(patient_id, seq, complete)"
+					" WHERE e.patient_id = a.patient_id",
+					3, types, values, NULL, SPI_OK_UPDATE);
 
-	sources = load_worker_sources();
-	foreach(lc, sources)
+	/*
+	 * All of them: a snapshot never mentions C-CDA documents, so the
+	 * portal keeps the ones it has; a document that is no longer shareable
+	 * (settings changed, privacy raised) must go as a delete.
+	 */
+	foreach(lc, worker_sources())
 	{
 		WorkerSource *source = lfirst(lc);
-		Datum	   *keys;
-		int			nkeys;
-		Oid			insert_types[3] = {TEXTOID, INT4OID, TEXTARRAYOID};
-		Datum		insert_values[3];
 
-		if (source->kind != SOURCE_CCDA)
-			continue;
-		/*
-		 * All of them: a snapshot never mentions C-CDA documents, so the
-		 * portal keeps the ones it has; a document that is no longer
-		 * shareable (settings changed, privacy raised) must go as a delete.
-		 */
-		read_all_keys(source, end->patient_id);
-		nkeys = (int) SPI_processed;
-		if (nkeys == 0)
-			continue;
-		keys = palloc(nkeys * sizeof(Datum));
-		for (int i = 0; i < nkeys; i++)
-			keys[i] = CStringGetTextDatum(SPI_getvalue(SPI_tuptable->vals[i],
-													   SPI_tuptable->tupdesc, 1));
-		SPI_freetuptable(SPI_tuptable);
-
-		insert_values[0] = CStringGetTextDatum(end->patient_id);
-		insert_values[1] = Int32GetDatum(source->source_id);
-		insert_values[2] = make_array(keys, nkeys, TEXTOID);
-		execute_or_fail("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
-						" VALUES (pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
-						" $1, $2, 'u', $3, pg_catalog.now())",
-						3, insert_types, insert_values, NULL, SPI_OK_INSERT);
+		if (source->kind == SOURCE_CCDA)
+			requeue_documents(source, ends->patients, ends->count);
 	}
+	hash_destroy(ends->index);
+	memset(ends, 0, sizeof(*ends));
 }
 
 /*
@@ -292,6 +345,7 @@ record_batch_result(DeliveryUnit *unit, int first, int count,
 	Oid			log_types[6] = {TEXTOID, TIMESTAMPTZOID, BOOLOID, INT4OID, INT4OID, TEXTARRAYOID};
 	Datum		log_values[6];
 	char		log_nulls[7] = "      ";
+	AcceptedEnds ends = {0};
 
 	for (int i = first; i < first + count; i++)
 	{
@@ -303,6 +357,10 @@ record_batch_result(DeliveryUnit *unit, int first, int count,
 				seen = true;
 		if (!seen)
 			patients[npatients++] = CStringGetTextDatum(event->patient_id);
+
+		/* a purge is applied after the snapshots before it */
+		if (event->op == EVENT_PURGE)
+			apply_accepted_ends(&ends);
 
 		if (event->dead)
 		{
@@ -321,7 +379,7 @@ record_batch_result(DeliveryUnit *unit, int first, int count,
 			apply_consumption(unit, event);
 			if (event->op == EVENT_SNAPSHOT_END)
 			{
-				snapshot_accepted(event);
+				note_accepted_end(&ends, event, count);
 				snapshot_done = true;
 			}
 			else if (event->op == EVENT_PURGE && event->ends_enrollment > 0)
@@ -330,6 +388,7 @@ record_batch_result(DeliveryUnit *unit, int first, int count,
 				purge_accepted(event);
 		}
 	}
+	apply_accepted_ends(&ends);
 	write_back_entries(unit);
 
 	if (accepted)

@@ -48,6 +48,7 @@
 #include "delivery.h"
 #include "shared_state.h"
 #include "string_map.h"
+#include "worker_sources.h"
 
 /* How often an idle worker looks at the outbox without being woken. */
 #define SWEEP_INTERVAL_MS			5000
@@ -1169,6 +1170,8 @@ guarded_delivery_step(DeliveryState *delivery)
 		MemoryContextSwitchTo(context);
 		error = CopyErrorData();
 		FlushErrorState();
+		/* what went wrong may be in the statements: generate them afresh */
+		worker_sources_forget();
 		if (IsTransactionState() || IsAbortedTransactionBlockState())
 			AbortCurrentTransaction();
 		/* an abort leaves TopMemoryContext current */

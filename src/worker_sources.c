@@ -1,0 +1,145 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker_sources.c
+ *		The delivery worker's list of attached tables, kept between units.
+ *
+ * Loading the list generates every statement the worker runs on the
+ * attached tables (source_reader.c), whose plans are then prepared once
+ * and kept.  The list stays until an invalidation says it may be stale:
+ * a relcache invalidation of an attached table (attach, detach and every
+ * ALTER TABLE send one) or of portal_sync.source, or a syscache
+ * invalidation of a schema, a type or a function (their names are in the
+ * generated SQL).  An error of the worker's step forgets it as well, so
+ * whatever went wrong is loaded afresh on the next attempt.
+ *
+ * Copyright (c) 2026, portal_sync developers
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "utils/inval.h"
+#include "utils/memutils.h"
+#include "utils/syscache.h"
+
+#include "portal_sync.h"
+#include "source_reader.h"
+#include "worker_sources.h"
+
+static MemoryContext sources_context = NULL;
+static List *sources = NIL;
+static bool sources_valid = false;
+static bool callbacks_registered = false;
+
+/* OIDs the list depends on, for the relcache callback (no catalog access there) */
+static Oid *source_relids = NULL;
+static int	nsource_relids = 0;
+static Oid	source_table_relid = InvalidOid;
+
+/*
+ * Relcache invalidation callback: an attached table, portal_sync.source,
+ * or everything (InvalidOid) changed.
+ */
+static void
+sources_relcache_invalidate(Datum arg, Oid relid)
+{
+	if (!sources_valid)
+		return;
+	if (relid == InvalidOid || relid == source_table_relid)
+	{
+		sources_valid = false;
+		return;
+	}
+	for (int i = 0; i < nsource_relids; i++)
+	{
+		if (source_relids[i] == relid)
+		{
+			sources_valid = false;
+			return;
+		}
+	}
+}
+
+/*
+ * Syscache invalidation callback: a schema, type or function changed.
+ * These are rare; forgetting the list costs one load.
+ */
+static void
+sources_syscache_invalidate(Datum arg, int cacheid, uint32 hashvalue)
+{
+	sources_valid = false;
+}
+
+/*
+ * Load the list and remember what it depends on.  Marked valid before the
+ * load: an invalidation that arrives during it marks it stale again.
+ */
+static void
+load_sources(void)
+{
+	MemoryContext oldcontext;
+	ListCell   *lc;
+	int			i = 0;
+
+	free_worker_source_plans(sources);
+	sources = NIL;
+	nsource_relids = 0;
+	if (sources_context == NULL)
+		sources_context = AllocSetContextCreate(TopMemoryContext, "portal_sync sources",
+												ALLOCSET_DEFAULT_SIZES);
+	else
+		MemoryContextReset(sources_context);
+	source_relids = NULL;
+
+	sources_valid = true;
+	PG_TRY();
+	{
+		oldcontext = MemoryContextSwitchTo(sources_context);
+		source_table_relid = portal_sync_relid("source");
+		sources = load_worker_sources();
+		source_relids = palloc(Max(list_length(sources), 1) * sizeof(Oid));
+		foreach(lc, sources)
+			source_relids[i++] = ((WorkerSource *) lfirst(lc))->relid;
+		nsource_relids = i;
+		MemoryContextSwitchTo(oldcontext);
+	}
+	PG_CATCH();
+	{
+		sources_valid = false;
+		sources = NIL;
+		nsource_relids = 0;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+}
+
+/*
+ * The attached tables (a list of WorkerSource), with their statements;
+ * the caller is in a transaction, connected to SPI, and must not change
+ * or free them.  Valid until the next call.
+ */
+List *
+worker_sources(void)
+{
+	if (!callbacks_registered)
+	{
+		CacheRegisterRelcacheCallback(sources_relcache_invalidate, (Datum) 0);
+		CacheRegisterSyscacheCallback(NAMESPACEOID, sources_syscache_invalidate, (Datum) 0);
+		CacheRegisterSyscacheCallback(TYPEOID, sources_syscache_invalidate, (Datum) 0);
+		CacheRegisterSyscacheCallback(PROCOID, sources_syscache_invalidate, (Datum) 0);
+		callbacks_registered = true;
+	}
+	AcceptInvalidationMessages();
+	if (!sources_valid)
+		load_sources();
+	return sources;
+}
+
+/*
+ * Load the list again at the next call (after an error of the step).
+ */
+void
+worker_sources_forget(void)
+{
+	sources_valid = false;
+}
