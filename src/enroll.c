@@ -455,20 +455,42 @@ enroll_patient(const char *patient_id, const char *enrolled_by)
  * column's canonical text.  Without a patient source attached, the text
  * as given.  A text that is not a value of that type is refused.
  */
-char *
-patient_id_as_captured(const char *patient_id)
+/*
+ * The type of the chart's patient column, looked up once per backend and
+ * again after any relcache invalidation (attach and detach send one for
+ * portal_sync.source, ALTER TABLE for the chart): a go-live enrolls
+ * thousands of patients in one statement, and this query was most of the
+ * cost of each enroll().
+ */
+static Oid	chart_patient_type = InvalidOid;
+static bool chart_patient_type_valid = false;
+static uint64 chart_patient_type_invalidations = 0;
+
+static void
+chart_patient_type_invalidate(Datum arg, Oid relid)
 {
+	chart_patient_type_valid = false;
+	chart_patient_type_invalidations++;
+}
+
+static Oid
+chart_patient_column_type(void)
+{
+	static bool callback_registered = false;
 	ExtensionOwnerContext owner;
 	Oid			type = InvalidOid;
-	char	   *result;
+	uint64		invalidations;
 
-	if (patient_id[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("patient_id must not be empty")));
-	if (!OidIsValid(portal_sync_relid_if_exists("source")))
-		return pstrdup(patient_id);
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(chart_patient_type_invalidate, (Datum) 0);
+		callback_registered = true;
+	}
+	AcceptInvalidationMessages();
+	if (chart_patient_type_valid)
+		return chart_patient_type;
 
+	invalidations = chart_patient_type_invalidations;
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -488,6 +510,26 @@ patient_id_as_captured(const char *patient_id)
 	SPI_finish();
 	restore_user(&owner);
 
+	/* kept unless an invalidation arrived during the lookup */
+	chart_patient_type = type;
+	chart_patient_type_valid = invalidations == chart_patient_type_invalidations;
+	return type;
+}
+
+char *
+patient_id_as_captured(const char *patient_id)
+{
+	Oid			type;
+	char	   *result;
+
+	if (patient_id[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("patient_id must not be empty")));
+	if (!OidIsValid(portal_sync_relid_if_exists("source")))
+		return pstrdup(patient_id);
+
+	type = chart_patient_column_type();
 	if (!OidIsValid(type) || type == TEXTOID || type == VARCHAROID)
 		return pstrdup(patient_id);
 	{
