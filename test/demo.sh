@@ -270,6 +270,15 @@ psql_db -v statedir="$WORK/state" -f "$WORK/summary.sql" | tee "$WORK/summary.ou
 if [ -s "$WORK/state/violations.txt" ]; then
 	sed 's/^/    /' "$WORK/state/violations.txt"
 fi
+# wire bytes (BENCHMARKS.md): request bodies as sent / their JSON, whole run
+"$PYTHON" - "$PORTAL_URL" <<'EOPY'
+import json, sys, urllib.request
+reqs = json.load(urllib.request.urlopen(sys.argv[1] + '/_control/requests'))
+wire = sum(r.get('bytes') or 0 for r in reqs)
+plain = sum(r.get('json_bytes') or 0 for r in reqs)
+print('  wire bytes: %d requests, %d bytes of JSON sent as %d (%.3f, 1/%.1f)'
+      % (len(reqs), plain, wire, wire / max(plain, 1), plain / max(wire, 1)))
+EOPY
 sql "SELECT format('  status: state %s, delivered_total %s, dead_letters %s, skipped_rows %s, consecutive_failures %s%s',
                    state, delivered_total, dead_letters, skipped_rows, consecutive_failures,
                    coalesce(', last_error ' || last_error, '')) FROM portal_sync.status"
