@@ -14,7 +14,7 @@
 #
 # Packages (Debian 12): cppcheck clang-tidy (clang-tidy 14), and the build
 # dependencies of the extension (postgresql-server-dev-15, libcurl4-openssl-dev,
-# libjson-c-dev, pkg-config).
+# libjson-c-dev, zlib1g-dev, pkg-config).
 # Environment: PG_CONFIG (default /usr/lib/postgresql/15/bin/pg_config),
 #   CLANG_TIDY (default clang-tidy), CPPCHECK (default cppcheck).
 set -uo pipefail
@@ -27,7 +27,7 @@ CPPCHECK=${CPPCHECK:-cppcheck}
 JOBS=$(nproc 2>/dev/null || echo 2)
 SERVER_INC=$("$PG_CONFIG" --includedir-server)
 # shellcheck disable=SC2207
-PKG_INC=($(pkg-config --cflags libcurl json-c))
+PKG_INC=($(pkg-config --cflags libcurl json-c zlib))
 rc=0
 
 echo "=== cppcheck $($CPPCHECK --version)"
