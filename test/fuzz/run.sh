@@ -30,8 +30,8 @@ ALL=(fuzz_answer_body fuzz_endpoint fuzz_batch_body)
 TARGETS=("$@")
 [ "${#TARGETS[@]}" -gt 0 ] || TARGETS=("${ALL[@]}")
 
-INC=(-I"$("$PG_CONFIG" --includedir-server)" -I"$SRC" -I"$HERE" $(pkg-config --cflags libcurl json-c))
-LIBS=("$("$PG_CONFIG" --pkglibdir)/libpgport.a" $(pkg-config --libs libcurl json-c))
+INC=(-I"$("$PG_CONFIG" --includedir-server)" -I"$SRC" -I"$HERE" $(pkg-config --cflags libcurl json-c zlib))
+LIBS=("$("$PG_CONFIG" --pkglibdir)/libpgport.a" $(pkg-config --libs libcurl json-c zlib))
 CFLAGS=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=all -Wall -Werror -Wno-unused-parameter -Wno-ignored-attributes -D_GNU_SOURCE)
 
