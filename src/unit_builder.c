@@ -834,6 +834,38 @@ snapshot_rows_of(SourceRows *source_rows, const char *patient_id)
 }
 
 /*
+ * Would this entry's snapshot, read ahead, take the unit past its limits?
+ * Then the unit ends before it, so that its batches are full: a unit that
+ * went over by one snapshot would send a last batch of a few events.
+ */
+static bool
+snapshot_overflows_unit(UnitBuilder *builder, int entry_index)
+{
+	OutboxEntry *entry = &builder->unit->entries[entry_index];
+	int			events = 2;
+	size_t		bytes = 0;
+	ListCell   *lc;
+
+	if (builder->nevents == 0 || !likely_snapshot(builder, entry_index) ||
+		string_map_find(builder->read_ahead, entry->patient_id) == NULL)
+		return false;
+	foreach(lc, builder->sources)
+	{
+		ListCell   *rc;
+
+		foreach(rc, snapshot_rows_of(lfirst(lc), entry->patient_id))
+		{
+			SourceRow  *row = lfirst(rc);
+
+			events++;
+			bytes += row->data_json ? strlen(row->data_json) : 0;
+		}
+	}
+	return builder->nevents + events > builder->max_events ||
+		builder->nbytes + bytes > builder->max_bytes;
+}
+
+/*
  * Emit a patient's snapshot: begin, every shareable item of every source
  * but C-CDA documents, end, all reporting the request.  The end consumes
  * the request and the patient's earlier requests in the unit; later
@@ -1651,7 +1683,8 @@ build_delivery_unit(SharingSettings *settings, int max_events, size_t max_bytes,
 
 	for (int i = 0; i < unit->nentries; i++)
 	{
-		if (builder.nevents >= max_events || builder.nbytes >= max_bytes)
+		if (builder.nevents >= max_events || builder.nbytes >= max_bytes ||
+			snapshot_overflows_unit(&builder, i))
 		{
 			/* the rest is read again by the next unit */
 			int			resume_at = first_deferred_entry(&builder, i);

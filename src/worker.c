@@ -47,6 +47,7 @@
 
 #include "delivery.h"
 #include "shared_state.h"
+#include "source_reader.h"
 #include "string_map.h"
 #include "worker_sources.h"
 
@@ -514,7 +515,7 @@ settle_enrollment_requests(DeliveryState *delivery, bool woken)
 
 	begin_work("portal_sync: settling enrollments");
 	exit_if_extension_dropped();
-	if (SPI_execute("INSERT INTO portal_sync.enrollment AS e"
+	if (spi_query("INSERT INTO portal_sync.enrollment AS e"
 					" (patient_id, enrolled_at, enrolled_by, snapshot_seq, snapshot_requested_at)"
 					" SELECT DISTINCT ON (r.patient_id) r.patient_id, r.captured_at,"
 					"        COALESCE(r.keys[1], 'unknown'), r.seq, r.captured_at"
@@ -522,7 +523,7 @@ settle_enrollment_requests(DeliveryState *delivery, bool woken)
 					" WHERE r.op = 'e' AND NOT EXISTS (SELECT 1 FROM portal_sync.enrollment x"
 					"                                 WHERE x.patient_id = r.patient_id)"
 					" ORDER BY r.patient_id, r.seq"
-					" ON CONFLICT (patient_id) DO NOTHING", false, 0) != SPI_OK_INSERT)
+					" ON CONFLICT (patient_id) DO NOTHING", 0, NULL, NULL, NULL, false) != SPI_OK_INSERT)
 		elog(ERROR, "settling enrollment requests failed");
 	end_work();
 }
