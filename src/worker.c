@@ -537,6 +537,7 @@ start_next_unit(DeliveryState *delivery)
 	MemoryContext context;
 	DeliveryUnit *unit;
 	UnitOutcome outcome;
+	XLogRecPtr	seqs_logged_upto;
 
 	/*
 	 * The unit's context belongs to the step until the unit is built: an
@@ -574,6 +575,8 @@ start_next_unit(DeliveryState *delivery)
 							   (size_t) portal_sync_max_batch_bytes * 1024, context,
 							   delivery->failed, delivery->accepted_snapshot_events);
 	record_silent_consumption(unit);
+	/* the end of this transaction's last WAL record: the seqs taken */
+	seqs_logged_upto = XactLastRecEnd;
 	end_work();
 	forget_failed_batch(delivery);
 
@@ -587,9 +590,14 @@ start_next_unit(DeliveryState *delivery)
 		/*
 		 * The seqs just taken must survive a crash before the portal sees
 		 * them (the worker commits asynchronously): a seq taken again after
-		 * a crash would go backwards.
+		 * a crash would go backwards.  Up to the end of the last record this
+		 * transaction wrote, and at least up to the start of the last one
+		 * this process wrote (its commit), which covers the records of
+		 * transactions that aborted after taking seqs.  Not to the insert
+		 * position: at the start of a page not yet written it is past what
+		 * can be flushed, and XLogFlush fails there.
 		 */
-		XLogFlush(GetXLogInsertRecPtr());
+		XLogFlush(Max(seqs_logged_upto, ProcLastRecPtr));
 		delivery->pass_progress = true;
 		return UNIT_TO_SEND;
 	}
