@@ -27,17 +27,69 @@
 #   resume delay    (no bar) one event queued while settings.enabled is
 #                   false: seconds from UPDATE ... SET enabled = true until
 #                   it is accepted.
+#   WAN drain rate  the drain rate (outbox already full of incremental events
+#                   of the patients of snapshot round 1, filled as above with
+#                   the endpoint empty; events accepted per second from
+#                   setting the endpoint until pending_events is 0; zero
+#                   failed requests) into the python sink holding every
+#                   answer 50 ms (a wide-area round trip), 200,000 events per
+#                   round, one round for each portal_sync.batch_size in
+#                   500, 1000, 2000 (ALTER SYSTEM + pg_reload_conf before
+#                   each; max_batch_bytes at its default 4MB; compression
+#                   gzip), bar >= 40,000/s; and one round with
+#                   portal_sync.compression = off at batch_size 500 (no bar,
+#                   for comparison).  Also printed: the ceiling of one
+#                   request in flight, batch_size / 50 ms, and the rate as a
+#                   fraction of it; per round, the sink's view of a request
+#                   (the worker's time from an answer to its next request,
+#                   from its headers to its body's end, the hold, how late
+#                   the sink answered) and the worker's portal_sync lines of
+#                   the server log.
+#   sink check      (no bar) after each WAN round, 32 parallel connections
+#                   POST that round's largest body to the same sink for 3 s:
+#                   requests/s and events/s it sustains, which must be far
+#                   above the worker's (else the sink is the bottleneck).
+#   wire bytes      request bodies as sent (after compression) / their JSON
+#                   (bar <= 1/8).  WAN rounds: exact, counted by the python
+#                   sink (body bytes after chunked decoding / the same
+#                   decompressed), over all gzip rounds; the compression-off
+#                   round shows 1.  nginx drain: the bytes nginx's
+#                   connections received during it (ss bytes_received)
+#                   minus their request lines and headers (nginx's
+#                   $request_length, which leaves out the body it discards)
+#                   / an estimate of the JSON, its events times the JSON
+#                   bytes per event of the WAN gzip round at batch_size 500
+#                   (printed only when the WAN phase ran).  BENCHMARKS.md's
+#                   figure, over the demo's whole run, is printed by
+#                   test/demo.sh.
 #
 # The sink is nginx on loopback (answers every POST 200 '{}', reading and
 # discarding the whole body; a status-only access log, buffered, so that
 # failed requests are counted by the sink too); the latency phase uses the
-# small python sink test/bench/delivery_sink.py, which timestamps arrivals.
+# small python sink test/bench/delivery_sink.py, which timestamps arrivals,
+# and the WAN phase the same sink with --hold-ms (one thread per connection;
+# it counts body bytes as sent and decompressed).  The phases run in the
+# order above, the WAN phase last, so that it does not change the others.
 #
 # Usage (after `make install`), as root or as postgres:
 #   sudo bash test/bench_delivery.sh [--quick]
 # Environment:
 #   BENCH_QUICK=1          same as --quick: 200 patients per snapshot round,
-#                          100,000 drain events, latency rounds of 10 s
+#                          100,000 drain events, latency rounds of 10 s,
+#                          50,000 events per WAN round
+#   BENCH_PHASES           phases to run, of: snapshot drain latency ccda
+#                          resume wan (default all; without snapshot, the
+#                          patients of round 1 are enrolled untimed)
+#   BENCH_WAN=0            skip the WAN phase
+#   BENCH_WAN_EVENTS       events per WAN round (default 200000)
+#   BENCH_WAN_BATCHES      batch sizes of the WAN gzip rounds (default
+#                          "500 1000 2000"); the compression-off round uses
+#                          the first (BENCH_WAN_OFF=0 skips it)
+#   BENCH_WAN_HOLD_MS      the sink's hold (default 50)
+#   BENCH_WAN_ROUNDS       rounds of each WAN setting, interleaved; the
+#                          figure is their median (default 1)
+#   BENCH_WAN_CHECK_CONN   connections of the sink check (default 32)
+#   BENCH_WAN_CHECK_SECS   seconds of the sink check (default 3)
 #   BENCH_SNAP_PATIENTS    patients per snapshot round (default 1000)
 #   BENCH_SNAP_ITEMS       shareable items per patient, a multiple of 5
 #                          (default 100)
@@ -67,7 +119,7 @@ PYTHON=${PYTHON:-$(command -v python3 || true)}
 for arg in "$@"; do
 	case "$arg" in
 		--quick) BENCH_QUICK=1 ;;
-		-h|--help) sed -n '2,64p' "${BASH_SOURCE[0]}"; exit 0 ;;
+		-h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
 		*) echo "bench_delivery: unknown argument $arg" >&2; exit 2 ;;
 	esac
 done
@@ -76,11 +128,23 @@ if [ "$QUICK" = 1 ]; then
 	SNAP_PATIENTS=${BENCH_SNAP_PATIENTS:-200}
 	DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-100000}
 	LAT_TIME=${BENCH_LAT_TIME:-10}
+	WAN_EVENTS=${BENCH_WAN_EVENTS:-50000}
 else
 	SNAP_PATIENTS=${BENCH_SNAP_PATIENTS:-1000}
 	DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-1000000}
 	LAT_TIME=${BENCH_LAT_TIME:-60}
+	WAN_EVENTS=${BENCH_WAN_EVENTS:-200000}
 fi
+PHASES=" $(echo "${BENCH_PHASES:-snapshot drain latency ccda resume wan}" | tr ',' ' ') "
+[ "${BENCH_WAN:-1}" = 0 ] && PHASES=${PHASES/ wan / }
+phase_on() { [[ "$PHASES" == *" $1 "* ]]; }
+WAN_BATCHES=${BENCH_WAN_BATCHES:-500 1000 2000}
+WAN_OFF=${BENCH_WAN_OFF:-1}
+WAN_HOLD_MS=${BENCH_WAN_HOLD_MS:-50}
+WAN_ROUNDS=${BENCH_WAN_ROUNDS:-1}
+WAN_CHECK_CONN=${BENCH_WAN_CHECK_CONN:-32}
+WAN_CHECK_SECS=${BENCH_WAN_CHECK_SECS:-3}
+WAN_BAR=40000
 SNAP_ITEMS=${BENCH_SNAP_ITEMS:-100}
 SNAP_ROUNDS=${BENCH_SNAP_ROUNDS:-3}
 FILL_ROWS=${BENCH_FILL_ROWS:-10000}
@@ -128,10 +192,12 @@ mkdir -p "$NGX"
 [ "$(id -u)" -eq 0 ] && chown -R postgres: "$WORK"
 SAMPLER_PID=
 SINK_PID=
+WAN_SINK_PID=
 
 cleanup() {
 	[ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null || true
 	[ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null || true
+	[ -n "$WAN_SINK_PID" ] && kill "$WAN_SINK_PID" 2>/dev/null || true
 	if [ -s "$NGX/nginx.pid" ]; then
 		kill "$(cat "$NGX/nginx.pid")" 2>/dev/null || true
 	fi
@@ -202,6 +268,11 @@ http {
 EOF
 as_pg "$NGINX" -p "$NGX" -c "$NGX/nginx.conf" -e "$NGX/error.log" ||
 	{ cat "$NGX/error.log" >&2; die "nginx did not start"; }
+nginx_rx() { # "peer bytes_received" of each established connection to nginx
+	ss -tinH state established "( sport = :$NGINX_PORT )" 2>/dev/null | awk '
+		/^[0-9]/ { peer = $4 } / bytes_received:/ { if (match($0, /bytes_received:[0-9]+/))
+			print peer, substr($0, RSTART + 15, RLENGTH - 15) }'
+}
 nginx_lines() { # flush the buffered access log, then count its lines
 	kill -USR1 "$(cat "$NGX/nginx.pid")" 2>/dev/null || true
 	sleep 0.5
@@ -402,7 +473,108 @@ FROM portal_sync.status;
 EOF
 echo "worker RssAnon at start: $(awk '/RssAnon/ {print $2, $3}' "/proc/$WPID/status" 2>/dev/null || echo '?')"
 
+# ---------------------------------------------------------------- fill and drain
+# Empty the endpoint (after the outbox is empty) and wait for the worker to
+# say so: events queue from then on.
+empty_endpoint() {
+	psql_bench -c "CALL bench.wait_outbox_empty(clock_timestamp(), 300, false)" >/dev/null ||
+		server_failed "waiting before a drain"
+	set_endpoint ''
+	local state='' _
+	for _ in $(seq 1 50); do
+		state=$(q "SELECT state FROM portal_sync.status")
+		[ "$state" = unconfigured ] && break
+		sleep 0.2
+	done
+	[ "$state" = unconfigured ] || echo "   (worker state is '$state', not 'unconfigured', after emptying the endpoint)"
+}
+fill_sql() { # table-index rows
+	local n=$2
+	case $(($1 % 6)) in
+	0) echo "INSERT INTO ehr.medication (patient_id, drug_name, rxnorm, dose, route, frequency, start_date, status, prescriber)
+SELECT 1 + g % $DP, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text, '250 mg/5 mL', 'oral', 'BID x 10 days',
+       date '2020-01-01' + g % 2000, 'active', 'Dr. Provider ' || (g % 12) FROM generate_series(1, $n) g;" ;;
+	1) echo "INSERT INTO ehr.allergy (patient_id, allergen, reaction, severity, onset_date, status, recorded_at)
+SELECT 1 + g % $DP, 'allergen ' || (g % 53), 'hives', (ARRAY['mild','moderate','severe'])[1 + g % 3],
+       date '2012-01-01' + g % 3000, 'active', date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
+	2) echo "INSERT INTO ehr.problem (patient_id, description, icd10, onset_date, status, noted_on)
+SELECT 1 + g % $DP, 'problem ' || (g % 211), 'J0' || (g % 10), date '2012-01-01' + g % 3000, 'active',
+       date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
+	3) echo "INSERT INTO ehr.immunization (patient_id, vaccine, cvx, dose_number, administered_on, lot_number, site, administered_by)
+SELECT 1 + g % $DP, 'DTaP', (20 + g % 30)::text, 1 + g % 5, date '2020-01-01' + g % 2000, 'LOT' || (g % 1000),
+       'left thigh', 'RN ' || (g % 7) FROM generate_series(1, $n) g;" ;;
+	4) echo "INSERT INTO ehr.lab_result (patient_id, order_number, test_name, loinc, value, units, reference_range, abnormal_flag, status, result_date)
+SELECT 1 + g % $DP, 'ORD' || g, 'Hemoglobin', '718-7', (10 + g % 50 / 10.0)::text, 'g/dL', '11.5-15.5', 'N', 'final',
+       date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
+	5) echo "INSERT INTO ehr.vital_sign (patient_id, measured_at, height_cm, weight_kg, head_circ_cm, bmi, height_pct, weight_pct,
+                            temp_c, pulse, resp_rate, bp_systolic, bp_diastolic)
+SELECT 1 + g % $DP, timestamp '2020-01-01 08:00' + g * interval '1 minute', 80 + g % 90, 10 + g % 60, 45 + g % 10 / 10.0,
+       15 + g % 10, g % 100, g % 100, 36.5 + g % 10 / 10.0, 70 + g % 60, 15 + g % 20, 90 + g % 40, 50 + g % 30
+FROM generate_series(1, $n) g;" ;;
+	esac
+}
+# Queue N incremental events (the endpoint being empty) in INSERT ... SELECT
+# statements of FILL_ROWS rows rotating over 6 clinical tables, then VACUUM
+# ANALYZE and CHECKPOINT; prints one line.  phase: the sampler's tag.
+fill_outbox() { # events phase
+	local events=$1 left=$1 i=0 n t_fill pending outbox_rows state
+	set_phase "$2"
+	{
+		echo "\\set QUIET on"
+		while [ "$left" -gt 0 ]; do
+			n=$((left < FILL_ROWS ? left : FILL_ROWS))
+			fill_sql "$i" "$n"
+			left=$((left - n))
+			i=$((i + 1))
+		done
+	} | pgfile "$WORK/fill.sql"
+	t_fill=$(date +%s.%N)
+	psql_bench -f "$WORK/fill.sql" || server_failed "filling the outbox"
+	t_fill=$(awk -v a="$t_fill" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+	psql_bench -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
+	set_phase idle
+	read -r pending outbox_rows state <<<"$(psql_bench -At -F' ' -c \
+		"SELECT pending_events, (SELECT count(*) FROM portal_sync.outbox), state FROM portal_sync.status")"
+	echo "   filled in ${t_fill} s ($(( (events + FILL_ROWS - 1) / FILL_ROWS )) statements, then VACUUM ANALYZE, CHECKPOINT): pending_events = $pending in $outbox_rows outbox rows; worker state $state"
+	[ "$pending" -eq "$events" ] || echo "   NOTE: pending_events is $pending, not $events"
+}
+# Set the endpoint to URL and wait until the outbox is empty; sets D_SECS
+# (-1: not drained after DRAIN_TIMEOUT s) and D_REQUESTS, D_EVENTS, D_FAILED
+# (delivery_log since then), D_FIRST (s until the first request was sent),
+# then the status after: D_PENDING, D_DEAD, D_LASTERR, D_CONSEC, D_STATE.
+run_drain() { # url phase
+	set_phase "$2"
+	q "ALTER SYSTEM SET portal_sync.endpoint = '$1'" >/dev/null
+	pgfile "$WORK/drain.sql" <<EOF
+\\set QUIET on
+SELECT clock_timestamp() AS t0 \\gset
+SELECT pg_reload_conf() \\gset
+CALL bench.wait_outbox_empty(:'t0', $DRAIN_TIMEOUT, true) \\gset
+SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', :secs, requests, events, failed,
+              round(first_sent::numeric, 3), (SELECT pending_events FROM portal_sync.status),
+              (SELECT dead_letters FROM portal_sync.status),
+              (SELECT coalesce(last_error, '') FROM portal_sync.status),
+              (SELECT consecutive_failures FROM portal_sync.status),
+              (SELECT state FROM portal_sync.status))
+FROM bench.log_since(:'t0');
+EOF
+	local out
+	out=$(psql_bench -At -f "$WORK/drain.sql" 2> >(sed -E 's/^.*NOTICE: +/   /' >&2)) || server_failed "the drain"
+	set_phase idle
+	IFS='|' read -r D_SECS D_REQUESTS D_EVENTS D_FAILED D_FIRST D_PENDING D_DEAD D_LASTERR D_CONSEC D_STATE <<<"$out"
+}
+log_mark() { stat -c %s "$WORK/server.log"; }
+log_worker_lines() { # mark: the server log's portal_sync lines since then, counted
+	tail -c +$(($1 + 1)) "$WORK/server.log" | grep -E 'portal_sync: ' |
+		sed -E 's/^[0-9-]+ [0-9:.]+ [A-Z]+ \[[0-9]+\] [^:]*: +//' | sort | uniq -c | sort -rn | head -n 5 |
+		sed -E 's/^ *([0-9]+) /   server log: (x\1) /' || true
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.3f (1/%.1f)", a / b, b / a; else print "-" }'; }
+
 # ---------------------------------------------------------------- snapshot time
+# (each phase runs if phase_on says so; their bodies are not indented)
+SNAP_MED=- SNAP_TIMED_OUT=0
+if phase_on snapshot; then
 echo
 echo "== snapshot time: $SNAP_ROUNDS rounds, each enrolling $SNAP_PATIENTS fresh patients in one statement (sink: nginx); $(load)"
 SNAP_SECS=()
@@ -435,104 +607,64 @@ EOF
 	fi
 done
 SNAP_MED=$(median "${SNAP_SECS[@]}")
-SNAP_TIMED_OUT=0
 for s in "${SNAP_SECS[@]}"; do [ "$s" = 300 ] && SNAP_TIMED_OUT=1; done
+elif phase_on drain || phase_on latency || phase_on wan; then
+	echo
+	echo "== (snapshot phase skipped) enrolling patients 1..$DP untimed, for the phases that need them ready; $(load)"
+	set_phase setup
+	secs=$(psql_bench -At -c "SELECT count(portal_sync.enroll(patient_id::text)) FROM ehr.patient WHERE patient_id BETWEEN 1 AND $DP" 		-c "CALL bench.wait_ready(1, $DP, clock_timestamp(), 600)" | tail -n 1) || server_failed "enrolling"
+	set_phase idle
+	[ "$secs" != -1 ] || die "patients 1..$DP not ready after 600 s"
+	printf '   ready %.1f s after the enroll statement
+' "$secs"
+fi # snapshot
 
 # ---------------------------------------------------------------- drain rate
+DRAIN_RATE=- DRAIN_SECS=-1 DRAIN_FAILED=0 NGX_WIRE=0 NGX_EVENTS=0
+if phase_on drain; then
 echo
 echo "== drain rate: $DRAIN_EVENTS events for patients 1..$DP queued with the endpoint empty, then the endpoint set (sink: nginx); $(load)"
-psql_bench -c "CALL bench.wait_outbox_empty(clock_timestamp(), 300, false)" >/dev/null ||
-	server_failed "waiting before the drain"
-set_endpoint ''
-state=
-for _ in $(seq 1 50); do
-	state=$(q "SELECT state FROM portal_sync.status")
-	[ "$state" = unconfigured ] && break
-	sleep 0.2
-done
-[ "$state" = unconfigured ] || echo "   (worker state is '$state', not 'unconfigured', after emptying the endpoint)"
-set_phase fill
-fill_sql() { # table-index rows
-	local n=$2
-	case $(($1 % 6)) in
-	0) echo "INSERT INTO ehr.medication (patient_id, drug_name, rxnorm, dose, route, frequency, start_date, status, prescriber)
-SELECT 1 + g % $DP, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text, '250 mg/5 mL', 'oral', 'BID x 10 days',
-       date '2020-01-01' + g % 2000, 'active', 'Dr. Provider ' || (g % 12) FROM generate_series(1, $n) g;" ;;
-	1) echo "INSERT INTO ehr.allergy (patient_id, allergen, reaction, severity, onset_date, status, recorded_at)
-SELECT 1 + g % $DP, 'allergen ' || (g % 53), 'hives', (ARRAY['mild','moderate','severe'])[1 + g % 3],
-       date '2012-01-01' + g % 3000, 'active', date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
-	2) echo "INSERT INTO ehr.problem (patient_id, description, icd10, onset_date, status, noted_on)
-SELECT 1 + g % $DP, 'problem ' || (g % 211), 'J0' || (g % 10), date '2012-01-01' + g % 3000, 'active',
-       date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
-	3) echo "INSERT INTO ehr.immunization (patient_id, vaccine, cvx, dose_number, administered_on, lot_number, site, administered_by)
-SELECT 1 + g % $DP, 'DTaP', (20 + g % 30)::text, 1 + g % 5, date '2020-01-01' + g % 2000, 'LOT' || (g % 1000),
-       'left thigh', 'RN ' || (g % 7) FROM generate_series(1, $n) g;" ;;
-	4) echo "INSERT INTO ehr.lab_result (patient_id, order_number, test_name, loinc, value, units, reference_range, abnormal_flag, status, result_date)
-SELECT 1 + g % $DP, 'ORD' || g, 'Hemoglobin', '718-7', (10 + g % 50 / 10.0)::text, 'g/dL', '11.5-15.5', 'N', 'final',
-       date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
-	5) echo "INSERT INTO ehr.vital_sign (patient_id, measured_at, height_cm, weight_kg, head_circ_cm, bmi, height_pct, weight_pct,
-                            temp_c, pulse, resp_rate, bp_systolic, bp_diastolic)
-SELECT 1 + g % $DP, timestamp '2020-01-01 08:00' + g * interval '1 minute', 80 + g % 90, 10 + g % 60, 45 + g % 10 / 10.0,
-       15 + g % 10, g % 100, g % 100, 36.5 + g % 10 / 10.0, 70 + g % 60, 15 + g % 20, 90 + g % 40, 50 + g % 30
-FROM generate_series(1, $n) g;" ;;
-	esac
-}
-{
-	echo "\\set QUIET on"
-	left=$DRAIN_EVENTS
-	i=0
-	while [ "$left" -gt 0 ]; do
-		n=$((left < FILL_ROWS ? left : FILL_ROWS))
-		fill_sql "$i" "$n"
-		left=$((left - n))
-		i=$((i + 1))
-	done
-} | pgfile "$WORK/fill.sql"
-t_fill=$(date +%s.%N)
-psql_bench -f "$WORK/fill.sql" || server_failed "filling the outbox"
-t_fill=$(awk -v a="$t_fill" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-psql_bench -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
-read -r pending outbox_rows state <<<"$(psql_bench -At -F' ' -c \
-	"SELECT pending_events, (SELECT count(*) FROM portal_sync.outbox), state FROM portal_sync.status")"
-echo "   filled in ${t_fill} s ($(( (DRAIN_EVENTS + FILL_ROWS - 1) / FILL_ROWS )) statements, then VACUUM ANALYZE, CHECKPOINT): pending_events = $pending in $outbox_rows outbox rows; worker state $state"
-[ "$pending" -eq "$DRAIN_EVENTS" ] || echo "   NOTE: pending_events is $pending, not $DRAIN_EVENTS"
+empty_endpoint
+fill_outbox "$DRAIN_EVENTS" fill
 NGX_BEFORE=$(nginx_lines)
-set_phase drain
-q "ALTER SYSTEM SET portal_sync.endpoint = '$NGINX_URL'" >/dev/null
-pgfile "$WORK/drain.sql" <<EOF
-\\set QUIET on
-SELECT clock_timestamp() AS t0 \\gset
-SELECT pg_reload_conf() \\gset
-CALL bench.wait_outbox_empty(:'t0', $DRAIN_TIMEOUT, true) \\gset
-SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', :secs, requests, events, failed,
-              round(first_sent::numeric, 3), (SELECT pending_events FROM portal_sync.status),
-              (SELECT dead_letters FROM portal_sync.status),
-              (SELECT coalesce(last_error, '') FROM portal_sync.status),
-              (SELECT consecutive_failures FROM portal_sync.status),
-              (SELECT state FROM portal_sync.status))
-FROM bench.log_since(:'t0');
-EOF
-out=$(psql_bench -At -f "$WORK/drain.sql" 2> >(sed -E 's/^.*NOTICE: +/   /' >&2)) || server_failed "the drain"
-set_phase idle
-IFS='|' read -r DRAIN_SECS d_requests d_events d_failed d_first d_pending d_dead d_lasterr d_consec d_state <<<"$out"
+NGX_RX_BEFORE=$(nginx_rx)
+mark=$(log_mark)
+run_drain "$NGINX_URL" drain
+log_worker_lines "$mark"
+NGX_RX_AFTER=$(nginx_rx)
+DRAIN_SECS=$D_SECS
 NGX_AFTER=$(nginx_lines)
 NGX_REQ=$((NGX_AFTER - NGX_BEFORE))
 NGX_NON200=$(tail -n "$NGX_REQ" "$NGX/access.log" | awk '$1 != 200' | wc -l)
+NGX_HEAD=$(tail -n "$NGX_REQ" "$NGX/access.log" | awk '{ s += $2 } END { printf "%.0f", s }')
+# bytes received over the drain, summed over connections (those opened since count whole)
+NGX_RX=$(awk 'NR == FNR { b[$1] = $2; next } { s += $2 - ($1 in b ? b[$1] : 0) } END { printf "%.0f", s }' \
+	<(printf '%s\n' "$NGX_RX_BEFORE") <(printf '%s\n' "$NGX_RX_AFTER"))
+[ -n "$NGX_RX_AFTER" ] && [ "$NGX_RX" -gt "$NGX_HEAD" ] && NGX_WIRE=$((NGX_RX - NGX_HEAD))
+NGX_EVENTS=$D_EVENTS
 if [ "$DRAIN_SECS" = -1 ]; then
 	DRAIN_RATE=0
-	echo "   NOT drained after $DRAIN_TIMEOUT s: $d_pending events still pending"
+	echo "   NOT drained after $DRAIN_TIMEOUT s: $D_PENDING events still pending"
 else
-	DRAIN_RATE=$(awk -v e="$d_events" -v s="$DRAIN_SECS" 'BEGIN { printf "%.0f", e / s }')
+	DRAIN_RATE=$(awk -v e="$D_EVENTS" -v s="$DRAIN_SECS" 'BEGIN { printf "%.0f", e / s }')
 	printf '   drained in %.2f s: %s events accepted in %s requests (%.0f events/request) = %s events/s\n' \
-		"$DRAIN_SECS" "$d_events" "$d_requests" "$(awk -v e="$d_events" -v r="$d_requests" 'BEGIN { print r ? e / r : 0 }')" "$DRAIN_RATE"
+		"$DRAIN_SECS" "$D_EVENTS" "$D_REQUESTS" "$(awk -v e="$D_EVENTS" -v r="$D_REQUESTS" 'BEGIN { print r ? e / r : 0 }')" "$DRAIN_RATE"
 	printf '   first request sent %.3f s after the endpoint was set; from then on %.0f events/s\n' \
-		"$d_first" "$(awk -v e="$d_events" -v s="$DRAIN_SECS" -v f="$d_first" 'BEGIN { print e / (s - f) }')"
+		"$D_FIRST" "$(awk -v e="$D_EVENTS" -v s="$DRAIN_SECS" -v f="$D_FIRST" 'BEGIN { print e / (s - f) }')"
 fi
-echo "   failed requests: $d_failed in delivery_log (not accepted or http_status <> 200); nginx logged $NGX_REQ requests, $NGX_NON200 not 200"
-echo "   after: pending_events $d_pending, dead_letters $d_dead, worker state $d_state, consecutive_failures $d_consec${d_lasterr:+, last_error: $d_lasterr}"
-DRAIN_FAILED=$((d_failed + NGX_NON200 + d_dead))
+echo "   failed requests: $D_FAILED in delivery_log (not accepted or http_status <> 200); nginx logged $NGX_REQ requests, $NGX_NON200 not 200"
+if [ "$NGX_WIRE" -gt 0 ]; then
+	echo "   wire: nginx's connections received $NGX_RX bytes (ss bytes_received), of which $NGX_HEAD request lines and headers (\$request_length: nginx discards the body unread): bodies as sent (chunked) $NGX_WIRE bytes = $(awk -v w="$NGX_WIRE" -v e="$NGX_EVENTS" 'BEGIN { printf "%.1f", e ? w / e : 0 }') bytes/event"
+else
+	echo "   wire: not measured (ss gave no bytes_received for nginx's connections)"
+fi
+echo "   after: pending_events $D_PENDING, dead_letters $D_DEAD, worker state $D_STATE, consecutive_failures $D_CONSEC${D_LASTERR:+, last_error: $D_LASTERR}"
+DRAIN_FAILED=$((D_FAILED + NGX_NON200 + D_DEAD))
+fi # drain
 
 # ---------------------------------------------------------------- latency
+LAT_P50=- LAT_P99=-
+if phase_on latency; then
 echo
 echo "== latency: pgbench -R $LAT_RATE -c 2 -T $LAT_TIME, one ehr.medication row per transaction for patients 1..$DP (sink: python, timestamps arrivals), $LAT_ROUNDS rounds; $(load)"
 SINK_PORT=$(free_port)
@@ -583,8 +715,10 @@ set_endpoint "$NGINX_URL"
 kill "$SINK_PID" 2>/dev/null || true
 wait "$SINK_PID" 2>/dev/null || true
 SINK_PID=
+fi # latency
 
 # ---------------------------------------------------------------- C-CDA
+if phase_on ccda; then
 echo
 echo "== worker memory with C-CDA documents: $CCDA_DOCS documents of $CCDA_MB MiB for ready patient 1, one after the other (sink: nginx); $(load)"
 CCDA_ENTRY="'<entry><observation classCode=\"OBS\" moodCode=\"EVN\"><id root=\"%s\"/>'
@@ -617,8 +751,11 @@ EOF
 		"$r" "$(awk -v l="$len" 'BEGIN { print l / 1048576 }')" "$secs" "$requests" "$events" "$failed" "$(mb "$(peak_kb ccda)")"
 	CCDA_SECS+=("$secs")
 done
+fi # ccda
 
 # ---------------------------------------------------------------- resume delay
+RESUME_MED=-
+if phase_on resume; then
 echo
 echo "== resume delay: one event queued while settings.enabled = false; UPDATE ... SET enabled = true until it is accepted, 3 rounds; $(load)"
 RESUME_SECS=()
@@ -638,6 +775,99 @@ EOF
 	RESUME_SECS+=("$s")
 done
 RESUME_MED=$(printf '%.2f' "$(median "${RESUME_SECS[@]}")")
+fi # resume
+
+# ---------------------------------------------------------------- WAN drain rate
+# Settings "batch_size:compression": the gzip rounds, then compression off at
+# the first batch size.  Per setting, space-separated over the rounds: rates,
+# failures; summed: sink wire and JSON bytes, events.
+WAN_CONFIGS=()
+for b in $WAN_BATCHES; do WAN_CONFIGS+=("$b:gzip"); done
+[ "$WAN_OFF" = 1 ] && WAN_CONFIGS+=("${WAN_BATCHES%% *}:off")
+declare -A WAN_RATES=() WAN_BAD=() WAN_WIRE=() WAN_JSON=() WAN_EV=() WAN_CHK=() WAN_ERR=()
+sink_get() { # port path: the python sink's answer
+	"$PYTHON" -c 'import sys, urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:%s%s" % (sys.argv[1], sys.argv[2]), timeout=30).read().decode())' "$1" "$2"
+}
+sink_counters() { # port: requests events bad wire_bytes json_bytes, then ms per request:
+	# sending the body, between an answer and the next request, answer late (mean, max)
+	sink_get "$1" / | "$PYTHON" -c 'import json, sys
+c = json.load(sys.stdin)
+n = max(c["requests"] + c["bad"], 1)
+print(c["requests"], c["events"], c["bad"], c["wire_bytes"], c["json_bytes"],
+      "%.1f %.1f %.1f %.1f" % (c["recv_s"] * 1e3 / n, c["gap_s"] * 1e3 / max(c["gaps"], 1),
+                               c["late_s"] * 1e3 / n, c["late_max_s"] * 1e3))'
+}
+if phase_on wan; then
+echo
+echo "== WAN drain rate: $WAN_ROUNDS round(s) per setting of $WAN_EVENTS events for patients 1..$DP, queued with the endpoint empty, then the endpoint set (sink: python, holding every answer $WAN_HOLD_MS ms); settings (batch_size:compression): ${WAN_CONFIGS[*]}; $(load)"
+WAN_PORT=$(free_port)
+"$PYTHON" "$SRC_DIR/test/bench/delivery_sink.py" serve --port "$WAN_PORT" --out "$WORK/wan.log" \
+	--hold-ms "$WAN_HOLD_MS" >"$WORK/wan_sink.out" 2>"$WORK/wan_sink.err" &
+WAN_SINK_PID=$!
+for _ in $(seq 1 50); do
+	grep -q '^listening' "$WORK/wan_sink.out" 2>/dev/null && break
+	sleep 0.1
+done
+grep -q '^listening' "$WORK/wan_sink.out" || { cat "$WORK/wan_sink.err" >&2; die "python WAN sink did not start"; }
+WAN_URL="http://127.0.0.1:$WAN_PORT/events"
+for ((r = 1; r <= WAN_ROUNDS; r++)); do
+for cfg in "${WAN_CONFIGS[@]}"; do
+	IFS=: read -r bs comp <<<"$cfg"
+	echo "   -- batch_size $bs, compression $comp$([ "$WAN_ROUNDS" -gt 1 ] && echo ", round $r"); $(load)"
+	q "ALTER SYSTEM SET portal_sync.batch_size = $bs" >/dev/null
+	q "ALTER SYSTEM SET portal_sync.compression = '$comp'" >/dev/null
+	empty_endpoint		# reloads the configuration
+	seen=$(q "SELECT current_setting('portal_sync.batch_size') || ' ' || current_setting('portal_sync.compression')")
+	[ "$seen" = "$bs $comp" ] || echo "   NOTE: a new session sees batch_size, compression = $seen"
+	fill_outbox "$WAN_EVENTS" wan_fill
+	sink_get "$WAN_PORT" /_reset >/dev/null
+	mark=$(log_mark)
+	run_drain "$WAN_URL" wan
+	log_worker_lines "$mark"
+	errs=$(tail -c +$((mark + 1)) "$WORK/server.log" | grep -cE 'portal_sync: .*failed' || true)
+	read -r s_req s_ev s_bad s_wire s_json s_recv s_gap s_late s_latemax <<<"$(sink_counters "$WAN_PORT")"
+	bad=$((D_FAILED + D_DEAD + s_bad))
+	[ "$D_SECS" != -1 ] || bad=$((bad + 1))
+	if [ "$D_SECS" = -1 ]; then
+		rate=0
+		echo "   NOT drained after $DRAIN_TIMEOUT s: $D_PENDING events still pending"
+	else
+		rate=$(awk -v e="$D_EVENTS" -v s="$D_SECS" 'BEGIN { printf "%.0f", e / s }')
+		ceiling=$(awk -v b="$bs" -v h="$WAN_HOLD_MS" 'BEGIN { printf "%.0f", b * 1000 / h }')
+		printf '   drained in %.2f s: %s events accepted in %s requests (%.0f events/request, %.1f requests/s) = %s events/s\n' \
+			"$D_SECS" "$D_EVENTS" "$D_REQUESTS" "$(awk -v e="$D_EVENTS" -v n="$D_REQUESTS" 'BEGIN { print n ? e / n : 0 }')" \
+			"$(awk -v n="$D_REQUESTS" -v s="$D_SECS" 'BEGIN { print n / s }')" "$rate"
+		printf '   first request sent %.3f s after the endpoint was set; %.1f ms per request in all (hold %s ms); ceiling of one request in flight, batch_size / hold: %s events/s; rate / ceiling = %.2f\n' \
+			"$D_FIRST" "$(awk -v n="$D_REQUESTS" -v s="$D_SECS" 'BEGIN { print n ? s * 1000 / n : 0 }')" "$WAN_HOLD_MS" \
+			"$ceiling" "$(awk -v a="$rate" -v c="$ceiling" 'BEGIN { print a / c }')"
+	fi
+	echo "   sink: $s_req requests, $s_ev events, $s_bad bodies that did not parse; bodies $s_wire bytes as sent, $s_json bytes of JSON: wire bytes $(ratio "$s_wire" "$s_json"); $(awk -v j="$s_json" -v e="$s_ev" 'BEGIN { printf "%.1f", e ? j / e : 0 }') JSON bytes/event"
+	echo "   per request, as the sink saw it: ${s_gap} ms from an answer to the next request (the worker between requests), ${s_recv} ms from its headers to the body's end (the worker sending), $WAN_HOLD_MS ms hold, answers ${s_late} ms late on average (at most ${s_latemax} ms)"
+	echo "   failed requests: $D_FAILED in delivery_log; after: pending_events $D_PENDING, dead_letters $D_DEAD, worker state $D_STATE, consecutive_failures $D_CONSEC${D_LASTERR:+, last_error: $D_LASTERR}"
+	chk=$("$PYTHON" "$SRC_DIR/test/bench/delivery_sink.py" load --port "$WAN_PORT" \
+		--concurrency "$WAN_CHECK_CONN" --seconds "$WAN_CHECK_SECS") || chk="0 0 0 0 -"
+	read -r _ c_rps c_eps c_bytes c_failed <<<"$chk"
+	printf '   sink check: %s parallel connections POSTing this round'"'"'s largest body (%s bytes as sent) for %s s: %s requests/s = %s events/s, %s failed; the worker'"'"'s %.1f requests/s are %.1f%% of that\n' \
+		"$WAN_CHECK_CONN" "$c_bytes" "$WAN_CHECK_SECS" "$c_rps" "$c_eps" "$c_failed" \
+		"$(awk -v n="$D_REQUESTS" -v s="$D_SECS" 'BEGIN { print (s > 0 ? n / s : 0) }')" \
+		"$(awk -v n="$D_REQUESTS" -v s="$D_SECS" -v c="$c_rps" 'BEGIN { print ((s > 0 && c > 0) ? 100 * n / s / c : 0) }')"
+	WAN_RATES[$cfg]+=" $rate"
+	WAN_BAD[$cfg]=$(( ${WAN_BAD[$cfg]:-0} + bad ))
+	WAN_WIRE[$cfg]=$(( ${WAN_WIRE[$cfg]:-0} + s_wire ))
+	WAN_JSON[$cfg]=$(( ${WAN_JSON[$cfg]:-0} + s_json ))
+	WAN_EV[$cfg]=$(( ${WAN_EV[$cfg]:-0} + s_ev ))
+	WAN_CHK[$cfg]+=" $c_eps"
+	WAN_ERR[$cfg]=$(( ${WAN_ERR[$cfg]:-0} + errs ))
+done
+done
+q "ALTER SYSTEM RESET portal_sync.batch_size" >/dev/null
+q "ALTER SYSTEM RESET portal_sync.compression" >/dev/null
+set_endpoint "$NGINX_URL"
+kill "$WAN_SINK_PID" 2>/dev/null || true
+wait "$WAN_SINK_PID" 2>/dev/null || true
+WAN_SINK_PID=
+fi # wan
 
 # ---------------------------------------------------------------- memory
 END_RSS=$(tail -n 1 "$WORK/rss.log" | awk '{ print $2 }')
@@ -646,8 +876,9 @@ wait "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=
 echo
 echo "== worker memory (RssAnon, sampled every 100 ms; $(grep -c -v '^pid' "$WORK/rss.log") samples)"
-for ph in idle snapshot fill drain latency ccda; do
-	printf '   %-9s peak %7s MiB\n' "$ph" "$(mb "$(peak_kb "$ph")")"
+for ph in idle setup snapshot fill drain latency ccda wan_fill wan; do
+	grep -q "^$ph " "$WORK/rss.log" &&
+		printf '   %-9s peak %7s MiB\n' "$ph" "$(mb "$(peak_kb "$ph")")"
 done
 echo "   at the end (idle) $(mb "${END_RSS:-0}") MiB"
 PIDS=$(grep -c '^pid' "$WORK/rss.log" || true)
@@ -667,17 +898,52 @@ verdict() { awk -v v="$1" -v op="$2" -v bar="$3" 'BEGIN {
 	ok = (op == ">=") ? (v >= bar) : (v <= bar); print ok ? "met" : "MISSED" }'; }
 echo
 echo "== figures; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-16s %-22s %-14s %s\n' figure value bar verdict
-printf '%-16s %-22s %-14s %s\n' "drain rate" "$DRAIN_RATE events/s" ">= 10000/s" \
+F='%-17s %-22s %-15s %s\n'
+printf "$F" figure value bar verdict
+phase_on drain && printf "$F" "drain rate" "$DRAIN_RATE events/s" ">= 10000/s" \
 	"$( [ "$DRAIN_SECS" != -1 ] && [ "$DRAIN_FAILED" -eq 0 ] && verdict "$DRAIN_RATE" ">=" 10000 || echo MISSED)$( [ "$DRAIN_FAILED" -eq 0 ] || echo " ($DRAIN_FAILED failed requests/dead letters)")"
-printf '%-16s %-22s %-14s %s\n' "latency p50" "$LAT_P50 ms" "<= 20 ms" "$(verdict "$LAT_P50" "<=" 20)"
-printf '%-16s %-22s %-14s %s\n' "latency p99" "$LAT_P99 ms" "<= 100 ms" "$(verdict "$LAT_P99" "<=" 100)"
-printf '%-16s %-22s %-14s %s\n' "snapshot time" "$(printf '%.2f' "$SNAP_MED") s" "<= 10 s" \
+if phase_on wan; then
+	WAN_GZ_WIRE=0 WAN_GZ_JSON=0 WAN_REF=
+	for cfg in "${WAN_CONFIGS[@]}"; do
+		IFS=: read -r bs comp <<<"$cfg"
+		# shellcheck disable=SC2086
+		med=$(median ${WAN_RATES[$cfg]})
+		note=$( [ "${WAN_ERR[$cfg]}" -eq 0 ] || echo " (${WAN_ERR[$cfg]} worker errors in the server log)")
+		if [ "$comp" = gzip ]; then
+			printf "$F" "WAN b=$bs" "$med events/s" ">= $WAN_BAR/s" \
+				"$( [ "${WAN_BAD[$cfg]}" -eq 0 ] && verdict "$med" ">=" "$WAN_BAR" || echo "MISSED (${WAN_BAD[$cfg]} failed requests/dead letters/timeouts)")$note"
+			WAN_GZ_WIRE=$((WAN_GZ_WIRE + ${WAN_WIRE[$cfg]}))
+			WAN_GZ_JSON=$((WAN_GZ_JSON + ${WAN_JSON[$cfg]}))
+			{ [ -z "$WAN_REF" ] || [ "$bs" = 500 ]; } && WAN_REF=$cfg
+		else
+			printf "$F" "WAN b=$bs $comp" "$med events/s" "(comparison)" \
+				"-$( [ "${WAN_BAD[$cfg]}" -eq 0 ] || echo " (${WAN_BAD[$cfg]} failed requests/dead letters/timeouts)")$note"
+		fi
+	done
+	if [ "$WAN_GZ_JSON" -gt 0 ]; then
+		r=$(awk -v a="$WAN_GZ_WIRE" -v b="$WAN_GZ_JSON" 'BEGIN { print a / b }')
+		printf "$F" "wire bytes WAN" "$(ratio "$WAN_GZ_WIRE" "$WAN_GZ_JSON")" "<= 0.125 (1/8)" "$(verdict "$r" "<=" 0.125)"
+	fi
+fi
+if phase_on drain && [ "$NGX_EVENTS" -gt 0 ] && [ "$NGX_WIRE" -gt 0 ] && [ -n "${WAN_REF:-}" ] && [ "${WAN_EV[$WAN_REF]:-0}" -gt 0 ]; then
+	NGX_JSON=$(awk -v e="$NGX_EVENTS" -v j="${WAN_JSON[$WAN_REF]}" -v n="${WAN_EV[$WAN_REF]}" 'BEGIN { printf "%.0f", e * j / n }')
+	r=$(awk -v a="$NGX_WIRE" -v b="$NGX_JSON" 'BEGIN { print a / b }')
+	printf "$F" "wire bytes nginx" "~$(ratio "$NGX_WIRE" "$NGX_JSON")" "<= 0.125 (1/8)" "$(verdict "$r" "<=" 0.125) (estimate)"
+fi
+phase_on latency && printf "$F" "latency p50" "$LAT_P50 ms" "<= 20 ms" "$(verdict "$LAT_P50" "<=" 20)"
+phase_on latency && printf "$F" "latency p99" "$LAT_P99 ms" "<= 100 ms" "$(verdict "$LAT_P99" "<=" 100)"
+phase_on snapshot && printf "$F" "snapshot time" "$(printf '%.2f' "$SNAP_MED") s" "<= 10 s" \
 	"$( [ "$SNAP_TIMED_OUT" = 0 ] && verdict "$SNAP_MED" "<=" 10 || echo "MISSED (a round timed out)")"
-printf '%-16s %-22s %-14s %s\n' "worker memory" "$(mb "$MEM_KB") MiB" "<= 64 MiB" "$(verdict "$MEM_KB" "<=" 65536)"
-printf '%-16s %-22s %-14s %s\n' "resume delay" "$RESUME_MED s" "(none)" "-"
-echo "(snapshot time: median of $SNAP_ROUNDS rounds of $SNAP_PATIENTS patients x $SNAP_ITEMS items; drain: one round of $DRAIN_EVENTS events;"
+if phase_on snapshot || phase_on drain || phase_on ccda; then
+	printf "$F" "worker memory" "$(mb "$MEM_KB") MiB" "<= 64 MiB" "$(verdict "$MEM_KB" "<=" 65536)"
+fi
+phase_on resume && printf "$F" "resume delay" "$RESUME_MED s" "(none)" "-"
+echo "(phases run:$PHASES; snapshot time: median of $SNAP_ROUNDS rounds of $SNAP_PATIENTS patients x $SNAP_ITEMS items; drain: one round of $DRAIN_EVENTS events;"
 echo " latency: median over $LAT_ROUNDS rounds of each round's p50/p99, $LAT_RATE commits/s for $LAT_TIME s; memory: peak over the"
-echo " snapshot, drain and C-CDA phases; resume delay: median of 3)"
+echo " snapshot, drain and C-CDA phases; resume delay: median of 3;"
+echo " WAN: median of $WAN_ROUNDS round(s) of $WAN_EVENTS events per setting, sink holding $WAN_HOLD_MS ms, one request in flight, so"
+echo " at most batch_size x $(awk -v h="$WAN_HOLD_MS" 'BEGIN { printf "%g", 1000 / h }') events/s; wire bytes WAN: sink-counted body bytes / JSON bytes over the gzip rounds;"
+echo " wire bytes nginx: bytes received (ss) - \$request_length, i.e. chunked bodies, / (events x JSON bytes per event of the WAN round"
+echo " ${WAN_REF:-(none)}): an estimate)"
 [ "$QUICK" = 1 ] && echo "(--quick: smaller sizes than BENCHMARKS.md defines; figures are indicative only)"
 exit 0
