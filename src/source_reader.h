@@ -19,8 +19,9 @@
 /* An attached table as the worker reads it. */
 /*
  * One statement the worker runs on an attached table, again and again: its
- * SQL, the type of its third parameter, and its plan once prepared (kept,
- * SPI_keepplan, until the source list is loaded again).
+ * SQL, the type of its third parameter, and its prepared statement once
+ * parsed (kept, SPI_keepplan, until the source list is loaded again;
+ * planned at each run).
  */
 typedef struct SourceStatement
 {

@@ -4,8 +4,8 @@
  *		The delivery worker's list of attached tables, kept between units.
  *
  * Loading the list generates every statement the worker runs on the
- * attached tables (source_reader.c), whose plans are then prepared once
- * and kept.  The list stays until an invalidation says it may be stale:
+ * attached tables (source_reader.c), each then parsed once and kept
+ * (planned at each run).  The list stays until an invalidation says it may be stale:
  * a relcache invalidation of an attached table (attach, detach and every
  * ALTER TABLE send one) or of portal_sync.source, or a syscache
  * invalidation of a schema, a type or a function (their names are in the
