@@ -103,19 +103,17 @@ typedef struct DeliveryUnit
 	int64		next_cursor;	/* where the next unit reads from */
 	bool		from_start;		/* read from the beginning of the outbox */
 	int			reused;			/* first events that keep a failed batch's seqs */
-	char		reused_batch_id[33];	/* and that batch's id */
 	bool		snapshot_accepted;	/* a snapshot_end was accepted */
 } DeliveryUnit;
 
 /*
  * What the last failed batch sent: if the unit built for the retry starts
- * with exactly the same events, they keep their seqs and the batch its
- * batch_id, so that the portal gets the very same body again.
+ * with exactly the same events, they keep their seqs, so that the portal
+ * gets the very same body again (and so the same batch_id).
  */
 typedef struct FailedBatch
 {
 	int			count;
-	char		batch_id[33];
 	char		practice_id[NAMEDATALEN * 2];
 	char	  **event_ids;
 	int64	   *seqs;
@@ -187,7 +185,7 @@ typedef struct HttpResult
 } HttpResult;
 
 extern void http_init(void);
-extern void http_post(const HttpRequest *request, HttpResult *result);
+extern void http_post_all(const HttpRequest *requests, HttpResult *results, int n);
 extern void http_result_free(HttpResult *result);
 extern bool endpoint_is_allowed(const char *endpoint, bool allow_insecure_http,
 								const char **reason);
@@ -204,6 +202,12 @@ extern char *moved_item_id(const DeliveryEvent *event, int64 snapshot_seq);
 /* event_identity.c */
 extern char *event_identity(const char *install_id, const DeliveryEvent *event,
 							const char *data_json, const char *digest);
+
+extern void batch_identity(const char *practice_id, List *events, int first, int count,
+						   char *batch_id);
+
+/* lanes.c */
+extern int	split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int pinned, int *starts);
 
 /* snapshot_wait.c */
 extern void snapshot_waits_refresh(void);

@@ -17,6 +17,10 @@
  * failure keeps (unit_builder.c).  The same event built again from the
  * same state (a retry, a restart) gets the same id.
  *
+ * A batch_id is derived the same way from the batch's body: the same body
+ * sent again (a retry that the worker rebuilt to the very same events and
+ * seqs) carries the same batch_id, and any other body another one.
+ *
  * SHA-256, cut to 128 bits: ids never collide by accident.
  *
  * Copyright (c) 2026, portal_sync developers
@@ -28,6 +32,7 @@
 #include "common/cryptohash.h"
 #include "common/sha2.h"
 #include "utils/builtins.h"
+#include "utils/resowner.h"
 
 #include "delivery.h"
 
@@ -89,4 +94,50 @@ event_identity(const char *install_id, const DeliveryEvent *event,
 	hex_encode((const char *) hash, EVENT_ID_HASH_BYTES, hex);
 	hex[EVENT_ID_HASH_BYTES * 2] = '\0';
 	return psprintf("%s-%s", install_id, hex);
+}
+
+/*
+ * The batch_id of the body of count events from first: 32 hex digits
+ * into batch_id (33 bytes), from the practice and every byte the events
+ * put in the body.  Batches are cut outside transactions, and OpenSSL's
+ * hash contexts belong to a resource owner: one of its own, then.
+ */
+void
+batch_identity(const char *practice_id, List *events, int first, int count,
+			   char *batch_id)
+{
+	static ResourceOwner owner = NULL;
+	ResourceOwner saved_owner = CurrentResourceOwner;
+	pg_cryptohash_ctx *ctx;
+	uint8		hash[PG_SHA256_DIGEST_LENGTH];
+
+	if (owner == NULL)
+		owner = ResourceOwnerCreate(NULL, "portal_sync batch ids");
+	if (saved_owner == NULL)
+		CurrentResourceOwner = owner;
+	PG_TRY();
+	{
+		ctx = pg_cryptohash_create(PG_SHA256);
+		if (ctx == NULL || pg_cryptohash_init(ctx) < 0)
+			elog(ERROR, "could not compute a batch id");
+		hash_string(ctx, practice_id);
+		for (int i = first; i < first + count; i++)
+		{
+			DeliveryEvent *event = list_nth(events, i);
+
+			hash_string(ctx, event->json);
+			hash_field(ctx, event->data_json, event->data_len);
+		}
+		if (pg_cryptohash_final(ctx, hash, sizeof(hash)) < 0)
+			elog(ERROR, "could not compute a batch id: %s", pg_cryptohash_error(ctx));
+		pg_cryptohash_free(ctx);
+	}
+	PG_FINALLY();
+	{
+		CurrentResourceOwner = saved_owner;
+	}
+	PG_END_TRY();
+
+	hex_encode((const char *) hash, EVENT_ID_HASH_BYTES, batch_id);
+	batch_id[EVENT_ID_HASH_BYTES * 2] = '\0';
 }

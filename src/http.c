@@ -3,11 +3,14 @@
  * http.c
  *		POSTing batches to the portal with libcurl.
  *
- * One easy handle is kept for the life of the worker so that the TLS
- * connection to the portal is reused between batches.  Peer and host are
- * always verified; plain http:// is accepted only to loopback addresses
- * unless portal_sync.allow_insecure_http is on.  A request in flight is
- * abandoned as soon as the worker is asked to stop.
+ * Up to portal_sync.max_inflight requests go out at once through
+ * libcurl's multi interface; the multi handle keeps its connections (TLS
+ * included) for the life of the worker, so they are reused between
+ * batches, and each easy handle is kept too.  Peer and host are always
+ * verified; plain http:// is accepted only to loopback addresses unless
+ * portal_sync.allow_insecure_http is on.  Requests in flight are
+ * abandoned as soon as the worker is asked to stop, or the postmaster
+ * dies.
  *
  * With portal_sync.compression = gzip the body is compressed while libcurl
  * reads it, a piece at a time, and sent with chunked transfer encoding:
@@ -25,12 +28,21 @@
 #include <zlib.h>
 
 #include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/pmsignal.h"
 #include "utils/timestamp.h"
 
 #include "delivery.h"
 #include "portal_sync.h"
 
-static CURL *curl_handle = NULL;
+/* Most requests in flight at once. */
+#define MAX_TRANSFERS		MAX_INFLIGHT_LIMIT
+
+/* How long to wait for network activity before looking at interrupts. */
+#define POLL_INTERVAL_MS	100
+
+static CURLM *multi_handle = NULL;
+static CURL *easy_handles[MAX_TRANSFERS];
 
 /* Bytes of JSON handed to zlib at a time. */
 #define GZIP_INPUT_BYTES	(64 * 1024)
@@ -274,55 +286,42 @@ http_init(void)
 {
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
 		elog(ERROR, "portal_sync: could not initialize libcurl");
-	curl_handle = curl_easy_init();
-	if (curl_handle == NULL)
-		elog(ERROR, "portal_sync: could not create a libcurl handle");
+	multi_handle = curl_multi_init();
+	if (multi_handle == NULL)
+		elog(ERROR, "portal_sync: could not create a libcurl multi handle");
 }
 
 /*
- * POST a body to the endpoint; fills *result.  Never raises an error for
- * a failure of the request itself: those are results to act upon.
+ * The easy handle of transfer i, created on first use and kept: libcurl
+ * keeps what it learnt about the portal (DNS, TLS session) in it.
  */
-void
-http_post(const HttpRequest *request, HttpResult *result)
+static CURL *
+easy_handle(int i)
+{
+	if (easy_handles[i] == NULL)
+	{
+		easy_handles[i] = curl_easy_init();
+		if (easy_handles[i] == NULL)
+			elog(ERROR, "portal_sync: could not create a libcurl handle");
+	}
+	else
+	{
+		/* left in the multi handle by an error in a previous round */
+		curl_multi_remove_handle(multi_handle, easy_handles[i]);
+		curl_easy_reset(easy_handles[i]);
+	}
+	return easy_handles[i];
+}
+
+/*
+ * The header list of one request.  The token is copied into libcurl's
+ * list only; the copy made here is wiped.
+ */
+static struct curl_slist *
+request_headers(const HttpRequest *request)
 {
 	struct curl_slist *headers = NULL;
 	char		header[1024];
-	CURLcode	code;
-	long		status = 0;
-	BodyStream *stream;
-
-	memset(&result->body, 0, sizeof(result->body));
-	result->status = 0;
-	result->retry_after_ms = -1;
-	result->transport_error[0] = '\0';
-
-	curl_easy_reset(curl_handle);
-	curl_easy_setopt(curl_handle, CURLOPT_URL, request->endpoint);
-	curl_easy_setopt(curl_handle, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(curl_handle, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(curl_handle, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(curl_handle, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(curl_handle, CURLOPT_SSL_VERIFYHOST, 2L);
-	if (request->ca_file != NULL && request->ca_file[0] != '\0')
-		curl_easy_setopt(curl_handle, CURLOPT_CAINFO, request->ca_file);
-	curl_easy_setopt(curl_handle, CURLOPT_TIMEOUT_MS, (long) request->timeout_ms);
-	curl_easy_setopt(curl_handle, CURLOPT_CONNECTTIMEOUT_MS, (long) request->timeout_ms);
-	curl_easy_setopt(curl_handle, CURLOPT_POST, 1L);
-	stream = palloc(sizeof(BodyStream));
-	body_stream_start(stream, request->body, request->gzip);
-	curl_easy_setopt(curl_handle, CURLOPT_READFUNCTION, read_body);
-	curl_easy_setopt(curl_handle, CURLOPT_READDATA, stream);
-	curl_easy_setopt(curl_handle, CURLOPT_SEEKFUNCTION, rewind_body);
-	curl_easy_setopt(curl_handle, CURLOPT_SEEKDATA, stream);
-	/* a compressed body's size is known only at its end: chunked */
-	curl_easy_setopt(curl_handle, CURLOPT_POSTFIELDSIZE_LARGE,
-					 request->gzip ? (curl_off_t) -1 : (curl_off_t) request->body->total_len);
-	curl_easy_setopt(curl_handle, CURLOPT_WRITEFUNCTION, collect_body);
-	curl_easy_setopt(curl_handle, CURLOPT_WRITEDATA, result);
-	curl_easy_setopt(curl_handle, CURLOPT_NOPROGRESS, 0L);
-	curl_easy_setopt(curl_handle, CURLOPT_XFERINFOFUNCTION, check_for_stop);
-	curl_easy_setopt(curl_handle, CURLOPT_USERAGENT, "portal_sync/" PORTAL_SYNC_VERSION);
 
 	headers = curl_slist_append(headers, "Content-Type: application/json");
 	headers = curl_slist_append(headers, "Expect:");
@@ -338,26 +337,140 @@ http_post(const HttpRequest *request, HttpResult *result)
 		explicit_bzero(auth, strlen(auth));
 		pfree(auth);
 	}
-	curl_easy_setopt(curl_handle, CURLOPT_HTTPHEADER, headers);
+	return headers;
+}
 
-	code = curl_easy_perform(curl_handle);
-	curl_slist_free_all(headers);
-	body_stream_end(stream);
-	pfree(stream);
-	/* libcurl keeps no copy of the header list once the transfer is done */
+/*
+ * Set up the easy handle of one request: where, how, and its body.
+ */
+static void
+prepare_transfer(CURL *curl, const HttpRequest *request, BodyStream *stream,
+				 struct curl_slist *headers, HttpResult *result)
+{
+	curl_easy_setopt(curl, CURLOPT_URL, request->endpoint);
+	curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (request->ca_file != NULL && request->ca_file[0] != '\0')
+		curl_easy_setopt(curl, CURLOPT_CAINFO, request->ca_file);
+	curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long) request->timeout_ms);
+	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, (long) request->timeout_ms);
+	curl_easy_setopt(curl, CURLOPT_POST, 1L);
+	curl_easy_setopt(curl, CURLOPT_READFUNCTION, read_body);
+	curl_easy_setopt(curl, CURLOPT_READDATA, stream);
+	curl_easy_setopt(curl, CURLOPT_SEEKFUNCTION, rewind_body);
+	curl_easy_setopt(curl, CURLOPT_SEEKDATA, stream);
+	/* a compressed body's size is known only at its end: chunked */
+	curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE,
+					 request->gzip ? (curl_off_t) -1 : (curl_off_t) request->body->total_len);
+	curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, collect_body);
+	curl_easy_setopt(curl, CURLOPT_WRITEDATA, result);
+	curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, check_for_stop);
+	curl_easy_setopt(curl, CURLOPT_USERAGENT, "portal_sync/" PORTAL_SYNC_VERSION);
+	curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+	curl_easy_setopt(curl, CURLOPT_PRIVATE, result);
+}
 
+/*
+ * What a finished transfer says: its status and Retry-After, or why it
+ * failed.
+ */
+static void
+finish_transfer(CURL *curl, CURLcode code, HttpResult *result)
+{
 	if (code == CURLE_OK)
 	{
+		long		status = 0;
 		curl_off_t	retry_after = 0;
 
-		curl_easy_getinfo(curl_handle, CURLINFO_RESPONSE_CODE, &status);
+		curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
 		result->status = (int) status;
+		result->transport_error[0] = '\0';
 		/* seconds, from either form of the header; 0 when there is none */
-		if (curl_easy_getinfo(curl_handle, CURLINFO_RETRY_AFTER, &retry_after) == CURLE_OK &&
+		if (curl_easy_getinfo(curl, CURLINFO_RETRY_AFTER, &retry_after) == CURLE_OK &&
 			retry_after > 0)
 			result->retry_after_ms = (int64) Min(retry_after, (curl_off_t) 366 * 86400) * 1000;
 	}
 	else
 		strlcpy(result->transport_error, curl_easy_strerror(code),
 				sizeof(result->transport_error));
+}
+
+/*
+ * POST n bodies at once and wait until every one is answered (or has
+ * failed); fills results[i] for requests[i].  Never raises an error for
+ * a failure of a request itself: those are results to act upon.  When
+ * the worker is asked to stop, the requests are abandoned and the caller
+ * finds out at its next CHECK_FOR_INTERRUPTS().
+ */
+void
+http_post_all(const HttpRequest *requests, HttpResult *results, int n)
+{
+	struct curl_slist *headers[MAX_TRANSFERS];
+	BodyStream *streams[MAX_TRANSFERS];
+	int			running = 0;
+	int			left;
+	CURLMsg    *message;
+
+	Assert(n > 0 && n <= MAX_TRANSFERS);
+	for (int i = 0; i < n; i++)
+	{
+		CURL	   *curl = easy_handle(i);
+		HttpResult *result = &results[i];
+
+		memset(&result->body, 0, sizeof(result->body));
+		result->status = 0;
+		result->retry_after_ms = -1;
+		strlcpy(result->transport_error, "libcurl did not complete the request",
+				sizeof(result->transport_error));
+		streams[i] = palloc(sizeof(BodyStream));
+		body_stream_start(streams[i], requests[i].body, requests[i].gzip);
+		headers[i] = request_headers(&requests[i]);
+		prepare_transfer(curl, &requests[i], streams[i], headers[i], result);
+		if (curl_multi_add_handle(multi_handle, curl) != CURLM_OK)
+			strlcpy(result->transport_error, "libcurl could not start the request",
+					sizeof(result->transport_error));
+	}
+
+	do
+	{
+		CURLMcode	code = curl_multi_perform(multi_handle, &running);
+
+		if (code == CURLM_OK && running > 0)
+			code = curl_multi_poll(multi_handle, NULL, 0, POLL_INTERVAL_MS, NULL);
+		if (code != CURLM_OK)
+			break;
+		if (ProcDiePending || QueryCancelPending || !PostmasterIsAlive())
+		{
+			for (int i = 0; i < n; i++)
+				strlcpy(results[i].transport_error, "abandoned: the worker is stopping",
+						sizeof(results[i].transport_error));
+			break;
+		}
+	} while (running > 0);
+
+	while ((message = curl_multi_info_read(multi_handle, &left)) != NULL)
+	{
+		HttpResult *result = NULL;
+
+		if (message->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(message->easy_handle, CURLINFO_PRIVATE, (char **) &result);
+		if (result != NULL)
+			finish_transfer(message->easy_handle, message->data.result, result);
+	}
+
+	/* done or abandoned: libcurl keeps no copy of the header lists */
+	for (int i = 0; i < n; i++)
+	{
+		curl_multi_remove_handle(multi_handle, easy_handles[i]);
+		curl_slist_free_all(headers[i]);
+		body_stream_end(streams[i]);
+		pfree(streams[i]);
+	}
+	if (!PostmasterIsAlive())
+		proc_exit(1);
 }

@@ -30,6 +30,7 @@ char	   *portal_sync_ca_file = NULL;
 bool		portal_sync_allow_insecure_http = false;
 int			portal_sync_compression = PORTAL_SYNC_COMPRESSION_GZIP;
 int			portal_sync_batch_size = 500;
+int			portal_sync_max_inflight = 4;
 int			portal_sync_max_batch_bytes = 4096;	/* kB */
 int			portal_sync_http_timeout = 30000;	/* ms */
 int			portal_sync_retry_max_delay = 300000;	/* ms */
@@ -116,6 +117,14 @@ define_settings(void)
 							 compression_options,
 							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("portal_sync.max_inflight",
+							"Most requests in flight at once for one database.",
+							"Each request carries a disjoint set of patients.",
+							&portal_sync_max_inflight,
+							4, 1, MAX_INFLIGHT_LIMIT,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("portal_sync.batch_size",
 							"Most events in one POST.",

@@ -33,6 +33,11 @@ extern char *portal_sync_ca_file;
 extern bool portal_sync_allow_insecure_http;
 extern int	portal_sync_compression;
 extern int	portal_sync_batch_size;
+extern int	portal_sync_max_inflight;
+
+/* The most portal_sync.max_inflight allows. */
+#define MAX_INFLIGHT_LIMIT	64
+
 extern int	portal_sync_max_batch_bytes;
 extern int	portal_sync_http_timeout;
 extern int	portal_sync_retry_max_delay;

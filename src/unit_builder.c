@@ -1587,7 +1587,6 @@ finish_events(UnitBuilder *builder, const FailedBatch *failed, HTAB *accepted)
 			(i == nevents || !((DeliveryEvent *) list_nth(unit->events, i))->shares_seq))
 		{
 			unit->reused = failed->count;
-			strlcpy(unit->reused_batch_id, failed->batch_id, sizeof(unit->reused_batch_id));
 		}
 	}
 

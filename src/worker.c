@@ -7,8 +7,11 @@
  * transaction that queued events, and by a periodic sweep), reset it,
  * handle interrupts and configuration reloads, then do one step of work.
  * A step either builds the next delivery unit (a short transaction), or
- * POSTs one batch of it (no transaction open) and records the answer (a
- * short transaction).  Failures of the portal are retried with
+ * POSTs a round of its batches (no transaction open) and records the
+ * answers (short transactions).  The unit is split into lanes of whole
+ * patients (lanes.c); a round sends the next batch of every lane at once,
+ * up to portal_sync.max_inflight, so that the requests in flight are for
+ * disjoint sets of patients.  Failures of the portal are retried with
  * exponential backoff and jitter; only an event the portal rejects is
  * dead-lettered.  Any error ends the process; the launcher starts it again
  * a second later and everything resumes from the tables.
@@ -83,13 +86,40 @@ typedef struct Batch
 	BatchBody	body;
 } Batch;
 
+/*
+ * A lane of the unit: events [start, end), of whole patients, sent one
+ * batch after the other.
+ */
+typedef struct Lane
+{
+	int			start;
+	int			end;
+	int			cursor;			/* next event to put in a batch */
+	List	   *split_stack;	/* of Batch *: halves still to send */
+	Batch	   *batch;			/* being sent (or sent again) */
+} Lane;
+
+/*
+ * A batch of the round failed in a way that is retried: once every answer
+ * of the round is recorded, the worker backs off and builds the unit
+ * again.
+ */
+typedef struct RoundFailure
+{
+	Batch	   *batch;			/* the first batch that failed; NULL: none */
+	int64		retry_after_ms; /* the longest Retry-After, -1: none */
+	char	   *error;			/* of the first failure */
+	bool		auth;			/* an authentication failure */
+} RoundFailure;
+
 /* What the worker is in the middle of. */
 typedef struct DeliveryState
 {
 	DeliveryUnit *unit;
-	int			cursor;			/* next event to put in a batch */
-	List	   *split_stack;	/* of Batch *: halves still to send */
-	Batch	   *batch;			/* being sent (or retried) */
+	int			nlanes;
+	Lane	   *lanes;			/* of the unit, in its context */
+	RoundFailure failure;		/* of the round being answered */
+	bool		probing;		/* one request at a time, until one is accepted */
 	TimestampTz next_attempt_at;
 	FailedBatch *failed;		/* the last batch that failed, to retry as it was */
 	int			held_rounds;	/* units in a row that found everything held */
@@ -114,10 +144,11 @@ typedef struct DeliveryState
 static WorkerSlot *my_slot = NULL;
 
 /*
- * The body of the portal's answer being acted upon (malloc'd: no memory
- * context frees it), for the step's error handler to free.
+ * The portal's answers being acted upon (their bodies are malloc'd: no
+ * memory context frees them), for the step's error handler to free.
  */
-static char *answer_body_in_hand = NULL;
+static HttpResult *answers_in_hand = NULL;
+static int	answers_in_hand_count = 0;
 static pg_prng_state backoff_prng;
 
 /* Memory of one step of work; reset after each step. */
@@ -325,9 +356,8 @@ forget_unit(DeliveryState *delivery)
 	if (delivery->unit != NULL)
 		MemoryContextDelete(delivery->unit->context);
 	delivery->unit = NULL;
-	delivery->batch = NULL;
-	delivery->split_stack = NIL;
-	delivery->cursor = 0;
+	delivery->lanes = NULL;
+	delivery->nlanes = 0;
 }
 
 /*
@@ -355,19 +385,18 @@ forget_failed_batch(DeliveryState *delivery)
 /*
  * A batch failed in a way that is retried: remember what it sent, so
  * that if the rebuilt unit starts with the same events (same ids: same
- * content) they are sent as the same body, with the same batch_id.  The
- * unit is rebuilt in any case: rows may have changed, the rules too.
+ * content) they keep their seqs: the same body again, and so the same
+ * batch_id (batch_identity).  The unit is rebuilt in any case: rows may
+ * have changed, the rules too.
  */
 static void
-remember_failed_batch(DeliveryState *delivery, const char *batch_id,
-					  int first, int count)
+remember_failed_batch(DeliveryState *delivery, int first, int count)
 {
 	FailedBatch *failed;
 
 	forget_failed_batch(delivery);
 	failed = MemoryContextAllocZero(TopMemoryContext, sizeof(FailedBatch));
 	failed->count = count;
-	strlcpy(failed->batch_id, batch_id, sizeof(failed->batch_id));
 	strlcpy(failed->practice_id, delivery->settings.practice_id, sizeof(failed->practice_id));
 	failed->event_ids = MemoryContextAlloc(TopMemoryContext, Max(count, 1) * sizeof(char *));
 	failed->seqs = MemoryContextAlloc(TopMemoryContext, Max(count, 1) * sizeof(int64));
@@ -529,6 +558,30 @@ settle_enrollment_requests(DeliveryState *delivery, bool woken)
 }
 
 /*
+ * Split the unit just built into lanes of whole patients, at most one per
+ * request that may be in flight.  The failed batch sent again as it was
+ * stays whole, at the start of the first lane.
+ */
+static void
+split_into_lanes(DeliveryState *delivery)
+{
+	DeliveryUnit *unit = delivery->unit;
+	int		   *starts = palloc((portal_sync_max_inflight + 1) * sizeof(int));
+
+	delivery->nlanes = split_unit_into_lanes(unit, portal_sync_max_inflight,
+											 unit->reused, starts);
+	delivery->lanes = MemoryContextAllocZero(unit->context,
+											 Max(delivery->nlanes, 1) * sizeof(Lane));
+	for (int l = 0; l < delivery->nlanes; l++)
+	{
+		delivery->lanes[l].start = starts[l];
+		delivery->lanes[l].end = starts[l + 1];
+		delivery->lanes[l].cursor = starts[l];
+	}
+	pfree(starts);
+}
+
+/*
  * Build the next unit.
  */
 static UnitOutcome
@@ -571,7 +624,9 @@ start_next_unit(DeliveryState *delivery)
 		report_problem(WORKER_DISABLED, "delivery is disabled in portal_sync.settings");
 		return UNIT_DISABLED;
 	}
-	unit = build_delivery_unit(&delivery->settings, portal_sync_batch_size,
+	/* a batch for each request that may be in flight */
+	unit = build_delivery_unit(&delivery->settings,
+							   portal_sync_batch_size * portal_sync_max_inflight,
 							   (size_t) portal_sync_max_batch_bytes * 1024, context,
 							   delivery->failed, delivery->accepted_snapshot_events);
 	record_silent_consumption(unit);
@@ -583,7 +638,7 @@ start_next_unit(DeliveryState *delivery)
 	/* settings strings live in the unit's context, which outlives the step */
 	MemoryContextSetParent(context, TopMemoryContext);
 	delivery->unit = unit;
-	delivery->cursor = 0;
+	split_into_lanes(delivery);
 	publish_hold_reason(unit);
 	if (list_length(unit->events) > 0)
 	{
@@ -626,59 +681,53 @@ start_next_unit(DeliveryState *delivery)
 }
 
 /*
- * Cut the next batch from the unit: the top of the split stack, or the
- * events from the cursor up to batch_size and max_batch_bytes (a larger
- * single event goes alone).
+ * Cut the next batch of a lane: the top of its split stack, or its events
+ * from the cursor up to batch_size and max_batch_bytes (a larger single
+ * event goes alone).  NULL when the lane is done.
  */
 static Batch *
-next_batch(DeliveryState *delivery)
+next_batch(DeliveryState *delivery, Lane *lane)
 {
 	DeliveryUnit *unit = delivery->unit;
 	Batch	   *batch;
 	size_t		max_bytes = (size_t) portal_sync_max_batch_bytes * 1024;
 	size_t		bytes = 128;
-	uint8		random_id[16];
 
-	if (delivery->split_stack != NIL)
+	if (lane->split_stack != NIL)
 	{
-		batch = llast(delivery->split_stack);
-		delivery->split_stack = list_delete_last(delivery->split_stack);
+		batch = llast(lane->split_stack);
+		lane->split_stack = list_delete_last(lane->split_stack);
 	}
 	else
 	{
-		int			total = list_length(unit->events);
-
-		if (delivery->cursor >= total)
+		if (lane->cursor >= lane->end)
 			return NULL;
 		batch = MemoryContextAllocZero(unit->context, sizeof(Batch));
-		batch->first = delivery->cursor;
-		if (delivery->cursor == 0 && unit->reused > 0)
+		batch->first = lane->cursor;
+		if (lane->cursor == 0 && unit->reused > 0)
 		{
-			/* the failed batch again, the same bytes under the same id */
+			/* the failed batch again, the same events with the same seqs */
 			batch->count = unit->reused;
-			delivery->cursor = unit->reused;
-			strlcpy(batch->batch_id, unit->reused_batch_id, sizeof(batch->batch_id));
+			lane->cursor = unit->reused;
 		}
-		while (batch->batch_id[0] == '\0' && delivery->cursor < total &&
-			   batch->count < portal_sync_batch_size)
+		else
 		{
-			DeliveryEvent *event = list_nth(unit->events, delivery->cursor);
+			while (lane->cursor < lane->end && batch->count < portal_sync_batch_size)
+			{
+				DeliveryEvent *event = list_nth(unit->events, lane->cursor);
 
-			if (batch->count > 0 && bytes + event->json_len + 1 > max_bytes)
-				break;
-			bytes += event->json_len + 1;
-			batch->count++;
-			delivery->cursor++;
+				if (batch->count > 0 && bytes + event->json_len + 1 > max_bytes)
+					break;
+				bytes += event->json_len + 1;
+				batch->count++;
+				lane->cursor++;
+			}
 		}
 	}
 
-	if (batch->batch_id[0] == '\0')
-	{
-		if (!pg_strong_random(random_id, sizeof(random_id)))
-			elog(ERROR, "could not generate a batch id");
-		hex_encode((char *) random_id, sizeof(random_id), batch->batch_id);
-		batch->batch_id[32] = '\0';
-	}
+	/* the same body, and only the same body, has the same id */
+	batch_identity(delivery->settings.practice_id, unit->events, batch->first,
+				   batch->count, batch->batch_id);
 	{
 		MemoryContext oldcontext = MemoryContextSwitchTo(unit->context);
 
@@ -695,7 +744,7 @@ next_batch(DeliveryState *delivery)
  * batches on it: it lasts as long as the unit, and goes with it.
  */
 static void
-split_batch(DeliveryState *delivery, Batch *batch)
+split_batch(DeliveryState *delivery, Lane *lane, Batch *batch)
 {
 	MemoryContext oldcontext = MemoryContextSwitchTo(delivery->unit->context);
 	Batch	   *first = palloc0(sizeof(Batch));
@@ -705,8 +754,8 @@ split_batch(DeliveryState *delivery, Batch *batch)
 	first->count = batch->count / 2;
 	second->first = batch->first + first->count;
 	second->count = batch->count - first->count;
-	delivery->split_stack = lappend(delivery->split_stack, second);
-	delivery->split_stack = lappend(delivery->split_stack, first);
+	lane->split_stack = lappend(lane->split_stack, second);
+	lane->split_stack = lappend(lane->split_stack, first);
 	MemoryContextSwitchTo(oldcontext);
 }
 
@@ -766,6 +815,8 @@ back_off(DeliveryState *delivery, int64 retry_after_ms, const char *error, bool 
 		delay = Min(retry_after_ms, (int64) portal_sync_retry_max_delay);
 
 	delivery->next_attempt_at = TimestampTzPlusMilliseconds(now, delay);
+	/* a portal that fails gets one request at a time until it works again */
+	delivery->probing = true;
 
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	strlcpy(my_slot->last_error, error, WORKER_ERROR_LEN);
@@ -777,16 +828,29 @@ back_off(DeliveryState *delivery, int64 retry_after_ms, const char *error, bool 
 }
 
 /*
- * After an accepted batch.
+ * After an accepted batch: count what it delivered.
  */
 static void
-note_success(int delivered)
+note_delivered(int delivered)
+{
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	my_slot->delivered_total += delivered;
+	my_slot->state = WORKER_RUNNING;
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * After a round in which some batch was accepted and none failed: the
+ * portal works again.  (A failure in the same round, in another lane,
+ * keeps the backoff growing.)
+ */
+static void
+note_success(void)
 {
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->consecutive_failures = 0;
 	my_slot->auth_failure = false;
 	my_slot->next_attempt_at = 0;
-	my_slot->delivered_total += delivered;
 	my_slot->state = WORKER_RUNNING;
 	LWLockRelease(portal_sync_shared->lock);
 }
@@ -932,17 +996,23 @@ apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result,
 
 /*
  * A batch was not accepted, and nothing of it is dead-lettered: record
- * the answer, back off, and build the unit again for the retry (the rows
- * may change meanwhile).
+ * the answer, and have the round end in a backoff, after which the unit
+ * is built again for the retry (the rows may change meanwhile).
  */
 static void
 retry_batch_later(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
 				  int status, int64 retry_after_ms, const char *error, bool auth)
 {
+	RoundFailure *failure = &delivery->failure;
+
 	record_answer(delivery, batch, sent_at, status, false);
-	back_off(delivery, retry_after_ms, error, auth);
-	remember_failed_batch(delivery, batch->batch_id, batch->first, batch->count);
-	forget_unit(delivery);
+	if (failure->batch == NULL)
+	{
+		failure->batch = batch;
+		failure->error = pstrdup(error);
+		failure->auth = auth;
+	}
+	failure->retry_after_ms = Max(failure->retry_after_ms, retry_after_ms);
 }
 
 /*
@@ -964,74 +1034,70 @@ stop_compressing(DeliveryState *delivery)
 }
 
 /*
- * POST the current batch and act on the answer.
+ * Free the bodies of the answers being acted upon.
  */
 static void
-send_batch(DeliveryState *delivery, const char *endpoint)
+free_answers_in_hand(void)
 {
-	Batch	   *batch = delivery->batch;
-	HttpRequest request;
-	HttpResult	result;
-	TimestampTz sent_at = GetCurrentTimestamp();
-	int			status;
+	for (int i = 0; i < answers_in_hand_count; i++)
+		http_result_free(&answers_in_hand[i]);
+	answers_in_hand = NULL;
+	answers_in_hand_count = 0;
+}
+
+/*
+ * Act on the portal's answer to one batch of a lane.  Returns whether the
+ * batch was accepted.
+ */
+static bool
+act_on_answer(DeliveryState *delivery, Lane *lane, const HttpRequest *request,
+			  HttpResult *result, TimestampTz sent_at)
+{
+	Batch	   *batch = lane->batch;
+	int			status = result->status;
 	List	   *rejected = NIL;
-
-	set_state(WORKER_RUNNING);
-	request.endpoint = endpoint;
-	request.token = delivery->token;
-	request.ca_file = portal_sync_ca_file;
-	request.timeout_ms = portal_sync_http_timeout;
-	request.batch_id = batch->batch_id;
-	request.body = &batch->body;
-	request.gzip = portal_sync_compression == PORTAL_SYNC_COMPRESSION_GZIP &&
-		!delivery->gzip_refused;
-
-	pgstat_report_activity(STATE_RUNNING, "portal_sync: sending a batch");
-	note_snapshot_events(delivery, batch, false);
-	http_post(&request, &result);
-	answer_body_in_hand = result.body.data;
-	pgstat_report_activity(STATE_IDLE, NULL);
-	CHECK_FOR_INTERRUPTS();
-	status = result.status;
+	bool		accepted = false;
 
 	if (status >= 200 && status < 300 &&
-		!result.body.incomplete &&
-		parse_answer_body(result.body.data, result.body.len, &rejected))
+		!result->body.incomplete &&
+		parse_answer_body(result->body.data, result->body.len, &rejected))
 	{
-		int			accepted = apply_rejected_list(delivery, batch, &result, rejected);
+		int			delivered = apply_rejected_list(delivery, batch, result, rejected);
 
 		record_answer(delivery, batch, sent_at, status, true);
-		note_success(accepted);
+		note_delivered(delivered);
 		note_snapshot_events(delivery, batch, true);
 		delivery->refusals_in_row = 0;
-		delivery->batch = NULL;
+		lane->batch = NULL;
+		accepted = true;
 	}
-	else if (status == 415 && request.gzip)
+	else if (status == 415 && request->gzip)
 	{
+		/* the lane sends the same batch again, uncompressed */
 		record_answer(delivery, batch, sent_at, status, false);
 		stop_compressing(delivery);
 	}
 	else if (status >= 200 && status < 300)
-		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
 						  psprintf("the portal answered HTTP %d with a body that %s: not accepted",
-								   status, result.body.incomplete
+								   status, result->body.incomplete
 								   ? "could not be read whole" : "is not a JSON object"),
 						  false);
 	else if (status == 401 || status == 403)
-		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
 						  psprintf("authentication failed: the portal answered HTTP %d", status),
 						  true);
 	else if ((status >= 300 && status < 400) || status == 404 || status == 405 ||
 			 status == 410 || status == 415)
-		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
 						  psprintf("the endpoint looks misconfigured: the portal answered HTTP %d%s; check portal_sync.endpoint",
 								   status, status < 400 ? " (redirects are not followed)" : ""),
 						  false);
 	else if (status == 0 || status == 408 || status == 425 || status == 429 ||
 			 status >= 500 || status < 200)
-		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
 						  status == 0
-						  ? psprintf("request failed: %s", result.transport_error)
+						  ? psprintf("request failed: %s", result->transport_error)
 						  : psprintf("the portal answered HTTP %d", status),
 						  false);
 	else if (batch->count == 1 && delivery->refusals_in_row >= REFUSALS_BEFORE_BACKOFF &&
@@ -1039,7 +1105,7 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 	{
 		/* the breaker: the portal refuses everything, not this event */
 		delivery->refusals_in_row = 0;
-		retry_batch_later(delivery, batch, sent_at, status, result.retry_after_ms,
+		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
 						  psprintf("the portal refused %d events in a row, each alone, with HTTP %d: backing off before dead-lettering more",
 								   REFUSALS_BEFORE_BACKOFF, status),
 						  false);
@@ -1050,7 +1116,7 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 
 		event->dead = true;
 		event->dead_status = status;
-		event->dead_reason = MemoryContextStrdup(delivery->unit->context, answer_reason(&result));
+		event->dead_reason = MemoryContextStrdup(delivery->unit->context, answer_reason(result));
 		record_answer(delivery, batch, sent_at, status, false);
 		/* not a success: the breaker's backoff keeps growing */
 		set_state(WORKER_RUNNING);
@@ -1058,17 +1124,91 @@ send_batch(DeliveryState *delivery, const char *endpoint)
 			delivery->refusals_in_row = 0;
 		delivery->refusal_status = status;
 		delivery->refusals_in_row++;
-		delivery->batch = NULL;
+		lane->batch = NULL;
 	}
 	else
 	{
 		/* 413 or another 4xx: find the event the portal refuses */
 		record_answer(delivery, batch, sent_at, status, false);
-		split_batch(delivery, batch);
-		delivery->batch = NULL;
+		split_batch(delivery, lane, batch);
+		lane->batch = NULL;
 	}
-	answer_body_in_hand = NULL;
-	http_result_free(&result);
+	return accepted;
+}
+
+/*
+ * POST the next batch of every lane that has one, all at once, and act on
+ * the answers once every one is in: no transaction is open while any
+ * request is in flight.  While probing (at start, and after a failure)
+ * only the first lane's batch goes: a portal that is down gets one
+ * request per attempt, not max_inflight.  Returns false when every lane
+ * is done.
+ */
+static bool
+send_round(DeliveryState *delivery, const char *endpoint)
+{
+	HttpRequest *requests = palloc0(delivery->nlanes * sizeof(HttpRequest));
+	HttpResult *results = palloc0(delivery->nlanes * sizeof(HttpResult));
+	Lane	  **lanes = palloc(delivery->nlanes * sizeof(Lane *));
+	int			n = 0;
+	bool		any_accepted = false;
+	TimestampTz sent_at;
+
+	for (int l = 0; l < delivery->nlanes; l++)
+	{
+		Lane	   *lane = &delivery->lanes[l];
+		HttpRequest *request = &requests[n];
+
+		if (lane->batch == NULL)
+			lane->batch = next_batch(delivery, lane);
+		if (lane->batch == NULL)
+			continue;
+		request->endpoint = endpoint;
+		request->token = delivery->token;
+		request->ca_file = portal_sync_ca_file;
+		request->timeout_ms = portal_sync_http_timeout;
+		request->batch_id = lane->batch->batch_id;
+		request->body = &lane->batch->body;
+		request->gzip = portal_sync_compression == PORTAL_SYNC_COMPRESSION_GZIP &&
+			!delivery->gzip_refused;
+		note_snapshot_events(delivery, lane->batch, false);
+		lanes[n++] = lane;
+		if (delivery->probing)
+			break;
+	}
+	if (n == 0)
+		return false;
+
+	set_state(WORKER_RUNNING);
+	pgstat_report_activity(STATE_RUNNING, n == 1 ? "portal_sync: sending a batch"
+						   : "portal_sync: sending batches");
+	sent_at = GetCurrentTimestamp();
+	http_post_all(requests, results, n);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	CHECK_FOR_INTERRUPTS();
+
+	answers_in_hand = results;
+	answers_in_hand_count = n;
+	memset(&delivery->failure, 0, sizeof(delivery->failure));
+	delivery->failure.retry_after_ms = -1;
+	for (int i = 0; i < n; i++)
+		any_accepted |= act_on_answer(delivery, lanes[i], &requests[i], &results[i], sent_at);
+	free_answers_in_hand();
+
+	if (delivery->failure.batch != NULL)
+	{
+		back_off(delivery, delivery->failure.retry_after_ms, delivery->failure.error,
+				 delivery->failure.auth);
+		remember_failed_batch(delivery, delivery->failure.batch->first,
+							  delivery->failure.batch->count);
+		forget_unit(delivery);
+	}
+	else if (any_accepted)
+	{
+		delivery->probing = false;
+		note_success();
+	}
+	return true;
 }
 
 /*
@@ -1122,18 +1262,13 @@ delivery_step(DeliveryState *delivery)
 		}
 	}
 
-	if (delivery->batch == NULL)
-		delivery->batch = next_batch(delivery);
-	if (delivery->batch == NULL)
+	if (!send_round(delivery, portal_sync_endpoint))
 	{
 		/* every batch of the unit was answered */
 		unit_finished(delivery->unit);
 		forget_unit(delivery);
 		forget_accepted_snapshot_events(delivery);
-		return 0;
 	}
-
-	send_batch(delivery, portal_sync_endpoint);
 	return 0;
 }
 
@@ -1186,8 +1321,7 @@ guarded_delivery_step(DeliveryState *delivery)
 		/* an abort leaves TopMemoryContext current */
 		MemoryContextSwitchTo(context);
 		pgstat_report_activity(STATE_IDLE, NULL);
-		free(answer_body_in_hand);
-		answer_body_in_hand = NULL;
+		free_answers_in_hand();
 
 		if (error->sqlerrcode == ERRCODE_QUERY_CANCELED ||
 			error->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN)
@@ -1304,6 +1438,8 @@ portal_sync_worker_main(Datum arg)
 
 	pg_prng_seed(&backoff_prng, (uint64) MyProcPid ^ (uint64) GetCurrentTimestamp());
 	memset(&delivery, 0, sizeof(delivery));
+	/* the first request finds out whether the portal works */
+	delivery.probing = true;
 	http_init();
 	(void) load_token(&delivery);
 	step_context = AllocSetContextCreate(TopMemoryContext, "portal_sync step",

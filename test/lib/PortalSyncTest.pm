@@ -884,7 +884,21 @@ sub ps_check_event_ids_stable
 # Invariant checks of the fault, load and privacy tests (010..019).
 
 push @EXPORT, qw(ps_check_sent_shareable ps_check_accepted_once
-  ps_check_settled ps_nreq);
+  ps_check_settled ps_nreq ps_resent_after);
+
+# Up to portal_sync.max_inflight requests go out at once, each for other
+# patients, so "the next request" is not the next attempt of a batch: the
+# next attempt is the next request carrying its events again.
+# The first later request that carries an event of request $r again (the
+# same content: the same event digest), or undef.
+sub ps_resent_after
+{
+	my ($reqs, $r) = @_;
+	my %mine = map { defined $_ ? ($_ => 1) : () } @{ $r->{event_digests} // [] };
+	my ($again) = sort { $a->{time} <=> $b->{time} }
+	  grep { $_->{n} > $r->{n} && grep { defined $_ && $mine{$_} } @{ $_->{event_digests} // [] } } @$reqs;
+	return $again;
+}
 
 # Number of requests the portal has seen so far (a mark for since =>).
 sub ps_nreq
