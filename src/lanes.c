@@ -33,12 +33,15 @@ typedef struct PatientLane
 /*
  * Reorder unit->events so that lane l is events [starts[l], starts[l+1]),
  * for at most max_lanes lanes; returns how many lanes hold events.  The
- * first pinned events (a failed batch sent again as it was) stay first,
- * in lane 0, with every other event of their patients.  starts needs
- * room for max_lanes + 1 entries.
+ * events of failed batch g sent again as they were (unit_builder.c)
+ * open lane g, and first_batches[l] says how many they are: that batch
+ * is cut again exactly.  They are the first events of their patients, so
+ * moving them to the front of the lane keeps every patient's order.
+ * starts needs room for max_lanes + 1 entries, first_batches for
+ * max_lanes.
  */
 int
-split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int pinned, int *starts)
+split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts, int *first_batches)
 {
 	int			nevents = list_length(unit->events);
 	HTAB	   *patients;
@@ -47,21 +50,23 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int pinned, int *starts
 	int			npatients = 0;
 	int		   *load;
 	List	  **lanes;
+	List	  **firsts;
 	List	   *events = NIL;
 	int			nlanes = 0;
 	int			i;
 	MemoryContext oldcontext;
 
-	if (max_lanes <= 1 || nevents <= 1)
+	Assert(unit->nreused <= max_lanes);
+	if (nevents == 0)
 	{
 		starts[0] = 0;
-		starts[1] = nevents;
-		return nevents > 0 ? 1 : 0;
+		return 0;
 	}
 
 	patients = string_map_create("portal_sync lanes", sizeof(PatientLane), CurrentMemoryContext);
 	order = palloc(nevents * sizeof(PatientLane *));
 	event_lane = palloc(nevents * sizeof(PatientLane *));
+	load = palloc0(max_lanes * sizeof(int));
 	for (i = 0; i < nevents; i++)
 	{
 		DeliveryEvent *event = list_nth(unit->events, i);
@@ -75,18 +80,15 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int pinned, int *starts
 			order[npatients++] = patient;
 		}
 		patient->events++;
+		if (event->reuse_group > 0)
+			patient->lane = event->reuse_group - 1;
 		event_lane[i] = patient;
 	}
 
-	load = palloc0(max_lanes * sizeof(int));
-	for (i = 0; i < pinned && i < nevents; i++)
-	{
-		if (event_lane[i]->lane < 0)
-		{
-			event_lane[i]->lane = 0;
-			load[0] += event_lane[i]->events;
-		}
-	}
+	/* the patients of a failed batch sent again, in its lane; then the rest */
+	for (i = 0; i < npatients; i++)
+		if (order[i]->lane >= 0)
+			load[order[i]->lane] += order[i]->events;
 	for (i = 0; i < npatients; i++)
 	{
 		int			lightest = 0;
@@ -102,21 +104,35 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int pinned, int *starts
 
 	oldcontext = MemoryContextSwitchTo(unit->context);
 	lanes = palloc0(max_lanes * sizeof(List *));
+	firsts = palloc0(max_lanes * sizeof(List *));
 	for (i = 0; i < nevents; i++)
-		lanes[event_lane[i]->lane] = lappend(lanes[event_lane[i]->lane],
-											 list_nth(unit->events, i));
+	{
+		DeliveryEvent *event = list_nth(unit->events, i);
+		int			l = event_lane[i]->lane;
+
+		if (event->reuse_group > 0)
+			firsts[l] = lappend(firsts[l], event);
+		else
+			lanes[l] = lappend(lanes[l], event);
+	}
 	for (int l = 0; l < max_lanes; l++)
 	{
-		if (lanes[l] == NIL)
+		if (firsts[l] == NIL && lanes[l] == NIL)
 			continue;
+		Assert(list_length(firsts[l]) == (l < unit->nreused ? unit->reused_counts[l] : 0));
+		first_batches[nlanes] = list_length(firsts[l]);
 		starts[nlanes++] = list_length(events);
+		events = list_concat(events, firsts[l]);
 		events = list_concat(events, lanes[l]);
+		list_free(firsts[l]);
+		list_free(lanes[l]);
 	}
 	starts[nlanes] = list_length(events);
 	Assert(list_length(events) == nevents);
 	list_free(unit->events);
 	unit->events = events;
 	pfree(lanes);
+	pfree(firsts);
 	MemoryContextSwitchTo(oldcontext);
 
 	hash_destroy(patients);

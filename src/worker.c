@@ -97,6 +97,9 @@ typedef struct Lane
 	int			cursor;			/* next event to put in a batch */
 	List	   *split_stack;	/* of Batch *: halves still to send */
 	Batch	   *batch;			/* being sent (or sent again) */
+	int			first_batch;	/* events of a failed batch sent again as it was */
+	bool		first_batch_sent;	/* ... in a round of this unit */
+	bool		failed;			/* its batch failed in this round: retried */
 } Lane;
 
 /*
@@ -106,7 +109,7 @@ typedef struct Lane
  */
 typedef struct RoundFailure
 {
-	Batch	   *batch;			/* the first batch that failed; NULL: none */
+	bool		failed;			/* some batch failed */
 	int64		retry_after_ms; /* the longest Retry-After, -1: none */
 	char	   *error;			/* of the first failure */
 	bool		auth;			/* an authentication failure */
@@ -121,7 +124,9 @@ typedef struct DeliveryState
 	RoundFailure failure;		/* of the round being answered */
 	bool		probing;		/* one request at a time, until one is accepted */
 	TimestampTz next_attempt_at;
-	FailedBatch *failed;		/* the last batch that failed, to retry as it was */
+	List	   *failed;			/* of FailedBatch *: batches to send again as they
+								 * were, if they can be */
+	MemoryContext failed_context;	/* holds them */
 	int			held_rounds;	/* units in a row that found everything held */
 	MemoryContext accepted_context; /* holds accepted_snapshot_events */
 	HTAB	   *accepted_snapshot_events;	/* of the unit's open snapshots */
@@ -361,52 +366,79 @@ forget_unit(DeliveryState *delivery)
 }
 
 /*
- * Forget the batch kept for an unchanged retry.
+ * Forget the batches kept for an unchanged retry.
  */
 static void
-forget_failed_batch(DeliveryState *delivery)
+forget_failed_batches(DeliveryState *delivery)
 {
-	FailedBatch *failed = delivery->failed;
-
-	if (failed == NULL)
-		return;
-	for (int i = 0; i < failed->count; i++)
-	{
-		pfree(failed->event_ids[i]);
-	}
-	if (failed->event_ids != NULL)
-		pfree(failed->event_ids);
-	if (failed->seqs != NULL)
-		pfree(failed->seqs);
-	pfree(failed);
-	delivery->failed = NULL;
+	if (delivery->failed_context != NULL)
+		MemoryContextDelete(delivery->failed_context);
+	delivery->failed_context = NULL;
+	delivery->failed = NIL;
 }
 
 /*
- * A batch failed in a way that is retried: remember what it sent, so
- * that if the rebuilt unit starts with the same events (same ids: same
- * content) they keep their seqs: the same body again, and so the same
- * batch_id (batch_identity).  The unit is rebuilt in any case: rows may
- * have changed, the rules too.
+ * Remember what count events from first of the unit sent, in a batch that
+ * was not accepted (or that waited to go again as it was).
  */
-static void
-remember_failed_batch(DeliveryState *delivery, int first, int count)
+static FailedBatch *
+failed_batch(DeliveryState *delivery, MemoryContext context, int first, int count)
 {
-	FailedBatch *failed;
+	FailedBatch *failed = MemoryContextAllocZero(context, sizeof(FailedBatch));
 
-	forget_failed_batch(delivery);
-	failed = MemoryContextAllocZero(TopMemoryContext, sizeof(FailedBatch));
 	failed->count = count;
 	strlcpy(failed->practice_id, delivery->settings.practice_id, sizeof(failed->practice_id));
-	failed->event_ids = MemoryContextAlloc(TopMemoryContext, Max(count, 1) * sizeof(char *));
-	failed->seqs = MemoryContextAlloc(TopMemoryContext, Max(count, 1) * sizeof(int64));
+	failed->patient_ids = MemoryContextAlloc(context, Max(count, 1) * sizeof(char *));
+	failed->event_ids = MemoryContextAlloc(context, Max(count, 1) * sizeof(char *));
+	failed->seqs = MemoryContextAlloc(context, Max(count, 1) * sizeof(int64));
 	for (int i = 0; i < count; i++)
 	{
 		DeliveryEvent *event = list_nth(delivery->unit->events, first + i);
 
-		failed->event_ids[i] = MemoryContextStrdup(TopMemoryContext, event->event_id);
+		failed->patient_ids[i] = MemoryContextStrdup(context, event->patient_id);
+		failed->event_ids[i] = MemoryContextStrdup(context, event->event_id);
 		failed->seqs[i] = event->seq;
 	}
+	return failed;
+}
+
+/*
+ * A round failed in a way that is retried: remember what every batch of
+ * it that was not accepted sent, and the failed batches of the last
+ * round that were waiting to go again (unsent while probing), so that if
+ * the rebuilt unit holds the same events (same ids: same content) they
+ * keep their seqs: the same bodies again, and so the same batch_ids
+ * (batch_identity).  A request whose answer was lost may still be
+ * applied late by the portal; with the same seqs, its copy can never put
+ * a patient's events out of order.  The unit is rebuilt in any case: rows
+ * may have changed, the rules too.
+ */
+static void
+remember_failed_batches(DeliveryState *delivery)
+{
+	MemoryContext context = AllocSetContextCreate(TopMemoryContext,
+												  "portal_sync failed batches",
+												  ALLOCSET_SMALL_SIZES);
+	List	   *failed = NIL;
+	MemoryContext oldcontext;
+
+	for (int l = 0; l < delivery->nlanes; l++)
+	{
+		Lane	   *lane = &delivery->lanes[l];
+		FailedBatch *batch = NULL;
+
+		if (lane->failed)
+			batch = failed_batch(delivery, context, lane->batch->first, lane->batch->count);
+		else if (lane->first_batch > 0 && !lane->first_batch_sent)
+			batch = failed_batch(delivery, context, lane->start, lane->first_batch);
+		if (batch == NULL)
+			continue;
+		oldcontext = MemoryContextSwitchTo(context);
+		failed = lappend(failed, batch);
+		MemoryContextSwitchTo(oldcontext);
+	}
+	forget_failed_batches(delivery);
+	delivery->failed_context = context;
 	delivery->failed = failed;
 }
 
@@ -559,17 +591,18 @@ settle_enrollment_requests(DeliveryState *delivery, bool woken)
 
 /*
  * Split the unit just built into lanes of whole patients, at most one per
- * request that may be in flight.  The failed batch sent again as it was
- * stays whole, at the start of the first lane.
+ * request that may be in flight.  Each failed batch sent again as it was
+ * opens a lane of its own, whole.
  */
 static void
 split_into_lanes(DeliveryState *delivery)
 {
 	DeliveryUnit *unit = delivery->unit;
 	int		   *starts = palloc((portal_sync_max_inflight + 1) * sizeof(int));
+	int		   *first_batches = palloc(portal_sync_max_inflight * sizeof(int));
 
 	delivery->nlanes = split_unit_into_lanes(unit, portal_sync_max_inflight,
-											 unit->reused, starts);
+											 starts, first_batches);
 	delivery->lanes = MemoryContextAllocZero(unit->context,
 											 Max(delivery->nlanes, 1) * sizeof(Lane));
 	for (int l = 0; l < delivery->nlanes; l++)
@@ -577,8 +610,10 @@ split_into_lanes(DeliveryState *delivery)
 		delivery->lanes[l].start = starts[l];
 		delivery->lanes[l].end = starts[l + 1];
 		delivery->lanes[l].cursor = starts[l];
+		delivery->lanes[l].first_batch = first_batches[l];
 	}
 	pfree(starts);
+	pfree(first_batches);
 }
 
 /*
@@ -628,12 +663,13 @@ start_next_unit(DeliveryState *delivery)
 	unit = build_delivery_unit(&delivery->settings,
 							   portal_sync_batch_size * portal_sync_max_inflight,
 							   (size_t) portal_sync_max_batch_bytes * 1024, context,
-							   delivery->failed, delivery->accepted_snapshot_events);
+							   delivery->failed, portal_sync_max_inflight,
+							   delivery->accepted_snapshot_events);
 	record_silent_consumption(unit);
 	/* the end of this transaction's last WAL record: the seqs taken */
 	seqs_logged_upto = XactLastRecEnd;
 	end_work();
-	forget_failed_batch(delivery);
+	forget_failed_batches(delivery);
 
 	/* settings strings live in the unit's context, which outlives the step */
 	MemoryContextSetParent(context, TopMemoryContext);
@@ -704,11 +740,12 @@ next_batch(DeliveryState *delivery, Lane *lane)
 			return NULL;
 		batch = MemoryContextAllocZero(unit->context, sizeof(Batch));
 		batch->first = lane->cursor;
-		if (lane->cursor == 0 && unit->reused > 0)
+		if (lane->cursor == lane->start && lane->first_batch > 0)
 		{
-			/* the failed batch again, the same events with the same seqs */
-			batch->count = unit->reused;
-			lane->cursor = unit->reused;
+			/* a failed batch again, the same events with the same seqs */
+			batch->count = lane->first_batch;
+			lane->cursor += lane->first_batch;
+			lane->first_batch_sent = true;
 		}
 		else
 		{
@@ -1000,15 +1037,16 @@ apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result,
  * is built again for the retry (the rows may change meanwhile).
  */
 static void
-retry_batch_later(DeliveryState *delivery, Batch *batch, TimestampTz sent_at,
+retry_batch_later(DeliveryState *delivery, Lane *lane, TimestampTz sent_at,
 				  int status, int64 retry_after_ms, const char *error, bool auth)
 {
 	RoundFailure *failure = &delivery->failure;
 
-	record_answer(delivery, batch, sent_at, status, false);
-	if (failure->batch == NULL)
+	record_answer(delivery, lane->batch, sent_at, status, false);
+	lane->failed = true;
+	if (!failure->failed)
 	{
-		failure->batch = batch;
+		failure->failed = true;
 		failure->error = pstrdup(error);
 		failure->auth = auth;
 	}
@@ -1078,24 +1116,24 @@ act_on_answer(DeliveryState *delivery, Lane *lane, const HttpRequest *request,
 		stop_compressing(delivery);
 	}
 	else if (status >= 200 && status < 300)
-		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
 						  psprintf("the portal answered HTTP %d with a body that %s: not accepted",
 								   status, result->body.incomplete
 								   ? "could not be read whole" : "is not a JSON object"),
 						  false);
 	else if (status == 401 || status == 403)
-		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
 						  psprintf("authentication failed: the portal answered HTTP %d", status),
 						  true);
 	else if ((status >= 300 && status < 400) || status == 404 || status == 405 ||
 			 status == 410 || status == 415)
-		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
 						  psprintf("the endpoint looks misconfigured: the portal answered HTTP %d%s; check portal_sync.endpoint",
 								   status, status < 400 ? " (redirects are not followed)" : ""),
 						  false);
 	else if (status == 0 || status == 408 || status == 425 || status == 429 ||
 			 status >= 500 || status < 200)
-		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
 						  status == 0
 						  ? psprintf("request failed: %s", result->transport_error)
 						  : psprintf("the portal answered HTTP %d", status),
@@ -1105,7 +1143,7 @@ act_on_answer(DeliveryState *delivery, Lane *lane, const HttpRequest *request,
 	{
 		/* the breaker: the portal refuses everything, not this event */
 		delivery->refusals_in_row = 0;
-		retry_batch_later(delivery, batch, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
 						  psprintf("the portal refused %d events in a row, each alone, with HTTP %d: backing off before dead-lettering more",
 								   REFUSALS_BEFORE_BACKOFF, status),
 						  false);
@@ -1195,12 +1233,11 @@ send_round(DeliveryState *delivery, const char *endpoint)
 		any_accepted |= act_on_answer(delivery, lanes[i], &requests[i], &results[i], sent_at);
 	free_answers_in_hand();
 
-	if (delivery->failure.batch != NULL)
+	if (delivery->failure.failed)
 	{
 		back_off(delivery, delivery->failure.retry_after_ms, delivery->failure.error,
 				 delivery->failure.auth);
-		remember_failed_batch(delivery, delivery->failure.batch->first,
-							  delivery->failure.batch->count);
+		remember_failed_batches(delivery);
 		forget_unit(delivery);
 	}
 	else if (any_accepted)

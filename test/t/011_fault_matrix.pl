@@ -81,7 +81,9 @@ my @r429 = grep { $_->{status} eq '429' } @$reqs;
 is(scalar @r429, 2, 'two 429 answers');
 for my $r (@r429)
 {
-	my ($next) = grep { $_->{n} > $r->{n} } @$reqs;
+	# its next attempt: the next request with its events (others may be
+	# in flight beside it, for other patients)
+	my $next = ps_resent_after($reqs, $r);
 	my $gap = $next ? $next->{time} - $r->{answered_at} : -1;
 	# honoured up to retry_max_delay (2 s)
 	cmp_ok($gap, '>=', 1.8, "Retry-After: 3 honoured up to retry_max_delay after request $r->{n} (next after ${gap}s)");
