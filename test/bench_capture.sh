@@ -18,8 +18,9 @@
 # server and, for the bulk insert, one psql session; the table is truncated
 # and CHECKPOINTed before every round; figures are medians.
 #
-# Usage (after `make install`), as root or as postgres:
-#   sudo bash test/bench_capture.sh [--quick]
+# Usage (with portal_sync installed: the package, or `make install`), as
+# root or as postgres:
+#   bash test/bench_capture.sh [--quick]
 # Environment:
 #   BENCH_QUICK=1          same as --quick: pgbench rounds of 10 s, 3 bulk rounds
 #   BENCH_ROUNDS           bulk-insert rounds per mode (default 7)
@@ -70,7 +71,7 @@ BINDIR=$("$PG_CONFIG" --bindir)
 SHAREDIR=$("$PG_CONFIG" --sharedir)
 PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
 [ -f "$SHAREDIR/extension/portal_sync.control" ] && [ -f "$PKGLIBDIR/portal_sync.so" ] ||
-	die "portal_sync is not installed: run 'make install' first"
+	die "portal_sync is not installed: install the package (README: Installing the package) or run 'make install' first"
 [ -f "$SRC_DIR/test/reference_schema.sql" ] || die "test/reference_schema.sql missing"
 [ -f "$SRC_DIR/test/attach_reference.sql" ] || die "test/attach_reference.sql missing"
 
@@ -81,7 +82,7 @@ if [ "$(id -u)" -eq 0 ]; then
 elif [ "$(id -un)" = postgres ]; then
 	as_pg() { "$@"; }
 else
-	die "run as root (sudo) or as postgres"
+	die "run as root or as postgres"
 fi
 
 WORK=$(mktemp -d /tmp/portal_sync-bench.XXXXXX)

@@ -71,8 +71,9 @@
 # it counts body bytes as sent and decompressed).  The phases run in the
 # order above, the WAN phase last, so that it does not change the others.
 #
-# Usage (after `make install`), as root or as postgres:
-#   sudo bash test/bench_delivery.sh [--quick]
+# Usage (with portal_sync installed: the package, or `make install`), as
+# root or as postgres:
+#   bash test/bench_delivery.sh [--quick]
 # Environment:
 #   BENCH_QUICK=1          same as --quick: 200 patients per snapshot round,
 #                          100,000 drain events, latency rounds of 10 s,
@@ -166,7 +167,7 @@ BINDIR=$("$PG_CONFIG" --bindir)
 SHAREDIR=$("$PG_CONFIG" --sharedir)
 PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
 [ -f "$SHAREDIR/extension/portal_sync.control" ] && [ -f "$PKGLIBDIR/portal_sync.so" ] ||
-	die "portal_sync is not installed: run 'make install' first"
+	die "portal_sync is not installed: install the package (README: Installing the package) or run 'make install' first"
 [ -f "$SRC_DIR/test/reference_schema.sql" ] || die "test/reference_schema.sql missing"
 [ -f "$SRC_DIR/test/attach_reference.sql" ] || die "test/attach_reference.sql missing"
 [ -f "$SRC_DIR/test/bench/delivery_sink.py" ] || die "test/bench/delivery_sink.py missing"
@@ -181,7 +182,7 @@ if [ "$(id -u)" -eq 0 ]; then
 elif [ "$(id -un)" = postgres ]; then
 	as_pg() { "$@"; }
 else
-	die "run as root (sudo) or as postgres"
+	die "run as root or as postgres"
 fi
 
 WORK=$(mktemp -d /tmp/portal_sync-bench-delivery.XXXXXX)

@@ -54,8 +54,9 @@
 # discarding the whole body; a status-only access log, buffered, so that
 # failed requests are counted by the sink too).
 #
-# Usage (after `make install`), as root or as postgres:
-#   sudo bash test/bench_golive.sh [--quick]
+# Usage (with portal_sync installed: the package, or `make install`), as
+# root or as postgres:
+#   bash test/bench_golive.sh [--quick]
 # Environment:
 #   BENCH_QUICK=1              same as --quick: 1,000 chart-only and 200 item
 #                              patients per round, 1 round
@@ -131,7 +132,7 @@ BINDIR=$("$PG_CONFIG" --bindir)
 SHAREDIR=$("$PG_CONFIG" --sharedir)
 PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
 [ -f "$SHAREDIR/extension/portal_sync.control" ] && [ -f "$PKGLIBDIR/portal_sync.so" ] ||
-	die "portal_sync is not installed: run 'make install' first"
+	die "portal_sync is not installed: install the package (README: Installing the package) or run 'make install' first"
 [ -f "$SRC_DIR/test/reference_schema.sql" ] || die "test/reference_schema.sql missing"
 [ -f "$SRC_DIR/test/attach_reference.sql" ] || die "test/attach_reference.sql missing"
 [ -x "$NGINX" ] || die "$NGINX not found (apt-get install nginx-light)"
@@ -144,7 +145,7 @@ if [ "$(id -u)" -eq 0 ]; then
 elif [ "$(id -un)" = postgres ]; then
 	as_pg() { "$@"; }
 else
-	die "run as root (sudo) or as postgres"
+	die "run as root or as postgres"
 fi
 
 # Patients, by id:

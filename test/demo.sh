@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # portal_sync demo -- "the main job".  On a fresh Debian 12 machine, from the
-# top of the repository:
+# top of the repository, in a root shell or as a user with sudo:
 #
-#   sudo bash test/demo.sh
+#   bash test/demo.sh
+#
+# (it re-runs itself under sudo when not started as root: test/lib/as_root.sh)
 #
 # 1. installs the Debian packages it needs (skipped when all are present)
 #    and builds the extension as `postgres` in a copy of the tree
@@ -54,7 +56,9 @@ T0=$SECONDS
 say() { printf '\n== [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run me as root (sudo bash test/demo.sh): packages and 'make install' need root; the servers run as postgres"
+# Packages and `make install` need root; the servers run as postgres.
+. "$(dirname "${BASH_SOURCE[0]}")/lib/as_root.sh"
+run_as_root "${BASH_SOURCE[0]}" "$@"
 
 # ---------------------------------------------------------------- packages
 # install_packages LOG PACKAGE...

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Leak check of portal_sync's delivery worker (a test: exit 0 = pass).
 #
-#   sudo bash test/leakcheck.sh          as root (CI), or as postgres:
-#   bash test/leakcheck.sh
+#   bash test/leakcheck.sh               as root (CI), or as postgres
 #
-# Needs portal_sync built and installed in the system PostgreSQL 15
-# (`make install`); checks that first and fails otherwise.  A throwaway node
+# Needs portal_sync installed in the system PostgreSQL 15 (the package,
+# or `make install`); checks that first and fails otherwise.  A throwaway node
 # (PostgreSQL::Test::Cluster, set up as for the TAP tests and test/soak.sh
 # by test/lib/tap_script.sh and test/lib/PortalSyncTest.pm; run as
 # postgres) holds the reference schema (test/reference_schema.sql, attached

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # portal_sync's memory-safety checks, one after the other, with a summary:
 #
-#   sudo bash test/memory-safety.sh
+#   bash test/memory-safety.sh     (as root; re-runs itself under sudo otherwise)
 #
 #   1. static analysis   test/static-analysis.sh (cppcheck + clang-tidy over
 #                        src/, zero findings)
@@ -31,7 +31,9 @@ BINDIR=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
 say() { printf '\n=== memory-safety: %s\n' "$*"; }
 die() { printf 'memory-safety: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run me as root (packages; the servers run as postgres)"
+# Packages need root; the servers run as postgres.
+. "$SRC_DIR/test/lib/as_root.sh"
+run_as_root "${BASH_SOURCE[0]}" "$@"
 
 # cppcheck/clang-tidy for the analysis, clang + compiler-rt for libFuzzer,
 # patchelf for the preloaded sanitizer runtime (see test/sanitize.sh).

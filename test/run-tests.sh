@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Runs portal_sync's whole test suite on a Debian 12 machine, from nothing:
+# Runs portal_sync's whole test suite on a Debian 12 machine, from nothing,
+# in a root shell or as a user with sudo:
 #
-#   sudo bash test/run-tests.sh
+#   bash test/run-tests.sh
+#
+# (it re-runs itself under sudo when not started as root: test/lib/as_root.sh)
 #
 # 1. installs the Debian packages it needs, if any is missing;
 # 2. copies the source tree (without .git) to a build directory owned by
 #    `postgres` -- initdb, pg_regress temp instances and the TAP tests refuse
 #    to run as root, and chowning the checkout itself would make git refuse
 #    to work in it ("dubious ownership");
-# 3. builds there as `postgres`, installs as root (`make install`);
-# 4. runs `make installcheck` as `postgres`: the pg_regress tests in sql/
+# 3. builds the Debian package postgresql-15-portal-sync there as `postgres`
+#    (dpkg-buildpackage -b, in a second copy under debian-build/), checks it
+#    with lintian (any error or warning not overridden in debian/ fails the
+#    run) and installs it with apt-get, as root;
+# 4. runs `make installcheck` as `postgres` in the build directory, against
+#    the installed package's files: the pg_regress tests in sql/
 #    against a temporary instance with shared_preload_libraries set
 #    (test/regress.conf), then the TAP tests in test/t/ if there are any;
 # 5. runs test/memory-safety.sh: static analysis, fuzzing, the suite again
@@ -23,7 +30,8 @@
 #   PG_CONFIG                 default /usr/lib/postgresql/15/bin/pg_config
 #   PORTAL_SYNC_BUILD_DIR     default /var/tmp/portal_sync-build
 #   PORTAL_SYNC_SKIP_PACKAGES set to 1 to skip the package check
-#   PORTAL_SYNC_SKIP_INSTALL  set to 1 to skip `make install` (already done)
+#   PORTAL_SYNC_SKIP_INSTALL  set to 1 to skip building, checking and
+#                             installing the package (test what is installed)
 set -euo pipefail
 
 SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,13 +45,16 @@ PACKAGES=(
 	postgresql-15 postgresql-client-15 postgresql-server-dev-15
 	libcurl4-openssl-dev libjson-c-dev zlib1g-dev pkg-config gcc make
 	perl libipc-run-perl
+	debhelper postgresql-server-dev-all dpkg-dev build-essential lintian
 	nginx-light python3 ca-certificates openssl
 )
 
 say() { printf '\n=== %s\n' "$*"; }
 die() { printf 'run-tests: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run me as root (sudo bash test/run-tests.sh): packages and 'make install' need root; the tests themselves run as postgres"
+# Packages and installing the extension need root; the tests run as postgres.
+. "$SRC_DIR/test/lib/as_root.sh"
+run_as_root "${BASH_SOURCE[0]}" "$@"
 
 # ---------------------------------------------------------------- packages
 # install_packages LOG PACKAGE...
@@ -56,18 +67,44 @@ fi
 [ -x "$PG_CONFIG" ] || die "$PG_CONFIG not found (postgresql-server-dev-15)"
 id postgres >/dev/null 2>&1 || die "no postgres user (postgresql-15 package)"
 
-# ---------------------------------------------------------------- build
-say "build in $BUILD_DIR"
+# ---------------------------------------------------------------- package
+# The suite runs against what a DBA installs: the Debian package, built from
+# a clean copy of the tree (dpkg-buildpackage writes the .deb, .changes and
+# .buildinfo next to the tree it builds), checked by lintian, installed with
+# apt-get.  --reinstall: a rebuilt package of the same version replaces the
+# installed one instead of being skipped as "already the newest version".
+say "copy the tree to $BUILD_DIR"
 rm -rf "$BUILD_DIR"
 . "$SRC_DIR/test/lib/source_tree.sh"
 copy_source_tree "$SRC_DIR" "$BUILD_DIR" postgres:postgres
 cd "$BUILD_DIR"
-runuser -u postgres -- make -j"$JOBS" PG_CONFIG="$PG_CONFIG"
 
 if [ "${PORTAL_SYNC_SKIP_INSTALL:-0}" != 1 ]; then
-	say "install"
-	make install PG_CONFIG="$PG_CONFIG"
-	chown -R postgres:postgres "$BUILD_DIR"
+	t_pkg=$SECONDS
+	version=$(dpkg-parsechangelog -l "$SRC_DIR/debian/changelog" -S Version)
+	PKG_DIR=$BUILD_DIR/debian-build
+	PKG_LOG=$BUILD_DIR/package-build.log
+	say "package postgresql-15-portal-sync $version (dpkg-buildpackage -b as postgres, in $PKG_DIR)"
+	install -d -o postgres -g postgres "$PKG_DIR"
+	copy_source_tree "$SRC_DIR" "$PKG_DIR/portal-sync-${version%-*}" postgres:postgres
+	(cd "$PKG_DIR/portal-sync-${version%-*}" &&
+		runuser -u postgres -- dpkg-buildpackage -us -uc -b -j"$JOBS") >"$PKG_LOG" 2>&1 ||
+		{ tail -n 40 "$PKG_LOG" >&2; die "dpkg-buildpackage failed (log: $PKG_LOG)"; }
+	changes=$PKG_DIR/portal-sync_${version}_$(dpkg --print-architecture).changes
+	deb=$PKG_DIR/postgresql-15-portal-sync_${version}_$(dpkg --print-architecture).deb
+	[ -f "$changes" ] && [ -f "$deb" ] || die "dpkg-buildpackage made no $deb (log: $PKG_LOG)"
+	echo "   built $(basename "$deb") in $((SECONDS - t_pkg)) s"
+
+	say "lintian"
+	runuser -u postgres -- lintian --info --fail-on error,warning "$changes" ||
+		die "lintian found errors or warnings (fix them, or override them in debian/*.lintian-overrides with a comment saying why)"
+	echo "   lintian: no error or warning"
+
+	say "install the package (apt-get)"
+	apt-get install -y -q --reinstall --no-install-recommends "$deb" >"$BUILD_DIR/package-install.log" 2>&1 ||
+		{ tail -n 20 "$BUILD_DIR/package-install.log" >&2; die "apt-get install $deb failed"; }
+	dpkg-query -W -f='   installed ${Package} ${Version}\n' postgresql-15-portal-sync
+	echo "   package build + lintian + install: $((SECONDS - t_pkg)) s"
 fi
 
 # ---------------------------------------------------------------- test

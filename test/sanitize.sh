@@ -2,7 +2,7 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer run of portal_sync's whole
 # test suite (pg_regress + TAP), without touching the system installation.
 #
-#   sudo bash test/sanitize.sh            # as root (CI) or as postgres
+#   bash test/sanitize.sh                 # as root (CI) or as postgres
 #
 # How (see docs/memory-safety.md):
 #  * A private copy of Debian's PostgreSQL 15 (/usr/lib/postgresql/15 and

@@ -2,7 +2,7 @@
 # Soak benchmark of portal_sync (not part of `make installcheck`; run it by
 # hand or in a scheduled CI job):
 #
-#   sudo bash test/soak.sh [--minutes N]        (default 10)
+#   bash test/soak.sh [--minutes N]        (default 10; as root or as postgres)
 #
 # A throwaway cluster (PostgreSQL::Test::Cluster, as the TAP tests) with the
 # reference schema, the local test portal (test/portal/portal.py) and

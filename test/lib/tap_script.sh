@@ -34,7 +34,7 @@ tap_script_init() {
 	[ -d "$PGXS_PERL" ] || tap_script_die "$PGXS_PERL missing (postgresql-server-dev-15)"
 	[ -f "$("$PG_CONFIG" --pkglibdir)/portal_sync.so" ] &&
 		[ -f "$("$PG_CONFIG" --sharedir)/extension/portal_sync.control" ] ||
-		tap_script_die "portal_sync is not installed in $("$PG_CONFIG" --bindir | sed 's,/bin$,,'): run 'make install' first"
+		tap_script_die "portal_sync is not installed in $("$PG_CONFIG" --bindir | sed 's,/bin$,,'): install the package (README: Installing the package) or run 'make install' first"
 	if [ "$(id -u)" -eq 0 ]; then
 		id postgres >/dev/null 2>&1 || tap_script_die "no postgres user"
 		as_pg() { runuser -u postgres -- "$@"; }
