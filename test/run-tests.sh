@@ -37,7 +37,7 @@ PACKAGES=(
 	postgresql-15 postgresql-client-15 postgresql-server-dev-15
 	libcurl4-openssl-dev libjson-c-dev zlib1g-dev pkg-config gcc make
 	perl libipc-run-perl
-	nginx-light python3 ca-certificates openssl
+	nginx-light python3 ca-certificates openssl prometheus-postgres-exporter prometheus
 )
 
 say() { printf '\n=== %s\n' "$*"; }
