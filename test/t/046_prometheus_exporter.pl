@@ -202,6 +202,7 @@ one(q{SELECT pstest.make_patient(i, 2) FROM generate_series(1, 30) i;
 	  SELECT pstest.book(i) FROM generate_series(1, 20) i;});
 ok(ps_wait_drained($node, $db), 'initial drain');
 my ($mt, $st) = check_against_status('healthy, idle');
+append_to_file("$logbase.metrics-healthy", $last_text);
 is($mt->{worker_state}, 'idle', 'healthy: state idle');
 is($mt->{pending_events}, 0, 'healthy: nothing pending');
 is($mt->{pending_events_exact}, 1, 'healthy: the pending count is exact');
@@ -236,6 +237,7 @@ is_deeply([ grep { $failures[$_] < $failures[ $_ - 1 ] } 1 .. $#failures ], [],
 	'outage: consecutive_failures never goes down while the portal fails');
 is_deeply([ keys %delivered_seen ], [$delivered_before], 'outage: delivered_total stays put, nothing is accepted');
 ($mt, $st) = check_against_status('outage');
+append_to_file("$logbase.metrics-outage", $last_text);	# for the docs' sample
 is($mt->{worker_state}, 'backing_off', 'outage: backing_off');
 cmp_ok($mt->{oldest_pending_age_seconds}, '>=', 5, "outage: the oldest pending event ages ($mt->{oldest_pending_age_seconds}s)");
 
