@@ -9,7 +9,10 @@
 # drains with the EHR writing, during a portal outage (503) and while the
 # portal refuses the token (401), with dead letters and rule errors, and
 # across a restart of the worker.  The role cannot read the outbox, the
-# EHR's tables or the other views.
+# EHR's tables or the other views.  Then the setups docs/monitoring.md
+# gives for several practice databases: auto-discovery (and what a
+# database without the extension does to it), and one DSN per database
+# with a role that has the three grants and no pg_monitor.
 #
 # Skipped only when the exporter binary is absent (PS_POSTGRES_EXPORTER
 # names another one).
@@ -66,29 +69,42 @@ for my $forbidden ('portal_sync.outbox', 'portal_sync.status', 'portal_sync.dead
 unlike($out, qr/\Q$token\E/, 'the exporter\'s role does not see the token');
 
 # ---------------------------------------------------------------- the exporter
-my $port = PostgreSQL::Test::Cluster::get_free_port();
-my $logbase = ($PostgreSQL::Test::Utils::log_path // $PostgreSQL::Test::Utils::tmp_check) . "/exporter_$$";
-my $exporter;
-{
-	local $ENV{DATA_SOURCE_NAME} =
-	  'host=' . $node->host . ' port=' . $node->port . " user=ps_exporter dbname=$db sslmode=disable";
-	$exporter = IPC::Run::start(
-		[ $exporter_bin, "--web.listen-address=127.0.0.1:$port",
-		  "--extend.query-path=$queries" ],
-		'<', \undef, '>', "$logbase.out", '2>', "$logbase.err");
-}
+my $logdir = $PostgreSQL::Test::Utils::log_path // $PostgreSQL::Test::Utils::tmp_check;
 my $http = HTTP::Tiny->new(timeout => 20, keep_alive => 0);
 my $last_text = '';
+my @exporters;
 
-# One scrape of /metrics: the portal_sync series of $db by name (the
-# worker's state as {state}{name}), the exporter's own health and the
-# declared types; undef if the scrape failed.
+# Start postgres_exporter with the queries file, connected as $user to the
+# databases @$dbs (one DSN each), with more arguments @$args: its port.
+sub start_exporter
+{
+	my ($name, $user, $dbs, @args) = @_;
+	my $port = PostgreSQL::Test::Cluster::get_free_port();
+	local $ENV{DATA_SOURCE_NAME} = join(',',
+		map { 'host=' . $node->host . ' port=' . $node->port . " user=$user dbname=$_ sslmode=disable" } @$dbs);
+	push @exporters, IPC::Run::start(
+		[ $exporter_bin, "--web.listen-address=127.0.0.1:$port",
+		  "--extend.query-path=$queries", @args ],
+		'<', \undef, '>', "$logdir/exporter_${name}_$$.out", '2>', "$logdir/exporter_${name}_$$.err");
+	return $port;
+}
+my $port = start_exporter('main', 'ps_exporter', [$db]);
+my $logbase = "$logdir/exporter_main_$$";
+
+# One scrape of /metrics (of the main exporter, or of the one on $on_port):
+# the portal_sync series of $db (or $of_db) by name (the worker's state as
+# {state}{name}), the exporter's own health and the declared types; undef
+# if the scrape failed.  {datnames} lists every datname seen, {status} is
+# the HTTP status.
 sub scrape
 {
-	my $r = $http->get("http://127.0.0.1:$port/metrics");
+	my ($on_port, $of_db) = @_;
+	$on_port //= $port;
+	$of_db //= $db;
+	my $r = $http->get("http://127.0.0.1:$on_port/metrics");
 	return undef unless $r->{success};
 	$last_text = $r->{content};
-	my %m = (state => {}, type => {});
+	my %m = (state => {}, type => {}, datnames => {});
 	for my $line (split /\n/, $r->{content})
 	{
 		if ($line =~ /^# TYPE (portal_sync_\w+) (\w+)$/)
@@ -99,7 +115,8 @@ sub scrape
 		{
 			my ($name, $labels, $v) = ($1, $2, $3);
 			my %l = $labels =~ /(\w+)="([^"]*)"/g;
-			next unless ($l{datname} // '') eq $db;
+			$m{datnames}{ $l{datname} // '' } = 1;
+			next unless ($l{datname} // '') eq $of_db;
 			if ($name eq 'portal_sync_worker_status')
 			{
 				$m{state}{ $l{state} } = $v;
@@ -112,6 +129,10 @@ sub scrape
 		elsif ($line =~ /^(pg_up|pg_exporter_last_scrape_error) (\S+)$/)
 		{
 			$m{$1} = $2;
+		}
+		elsif ($line =~ /^(pg_\w+)/)
+		{
+			$m{other_pg}{$1} = 1;
 		}
 	}
 	my @current = grep { $m{state}{$_} == 1 } keys %{ $m{state} };
@@ -141,13 +162,14 @@ is(scalar(grep { $_ == 1 } values %{ $m->{state} }), 1, 'worker state: exactly o
 # one does; the worker moves on its own): (metrics, status).
 sub quiet_scrape
 {
-	my ($what) = @_;
+	my ($what, $on_port, $of_db) = @_;
+	$of_db //= $db;
 	my ($metrics, $status);
 	my $ok = ps_wait_until(
 		sub {
-			my $before = ps_status($node, $db);
-			$metrics = scrape();
-			$status = ps_status($node, $db);
+			my $before = ps_status($node, $of_db);
+			$metrics = scrape($on_port, $of_db);
+			$status = ps_status($node, $of_db);
 			return 0 unless $metrics;
 			for my $k (qw(state pending_events pending_snapshots delivered_total dead_letters
 				rule_errors consecutive_failures))
@@ -160,11 +182,13 @@ sub quiet_scrape
 	return ($metrics, $status);
 }
 
-# The metrics equal portal_sync.status at a moment it does not change.
+# The metrics equal portal_sync.status at a moment it does not change
+# (of the main exporter and $db, or of the exporter on $on_port and $of_db).
 sub check_against_status
 {
-	my ($what) = @_;
-	my ($mt, $st) = quiet_scrape($what);
+	my ($what, $on_port, $of_db) = @_;
+	$of_db //= $db;
+	my ($mt, $st) = quiet_scrape($what, $on_port, $of_db);
 	is($mt->{worker_state}, $st->{state}, "$what: worker state is status.state ($st->{state})");
 	is($mt->{pending_events}, $st->{pending_events}, "$what: pending_events") if $mt->{pending_events_exact};
 	is($mt->{pending_snapshots}, $st->{pending_snapshots}, "$what: pending_snapshots");
@@ -172,10 +196,10 @@ sub check_against_status
 	is($mt->{dead_letters}, $st->{dead_letters}, "$what: dead_letters");
 	is($mt->{rule_errors_total}, $st->{rule_errors}, "$what: rule_errors_total");
 	is($mt->{consecutive_failures}, $st->{consecutive_failures}, "$what: consecutive_failures");
-	my $age = one(q{SELECT COALESCE(EXTRACT(epoch FROM oldest_pending_age), 0) FROM portal_sync.status});
+	my $age = $node->safe_psql($of_db, q{SELECT COALESCE(EXTRACT(epoch FROM oldest_pending_age), 0) FROM portal_sync.status});
 	ok(abs($mt->{oldest_pending_age_seconds} - $age) < 5,
 		"$what: oldest_pending_age_seconds $mt->{oldest_pending_age_seconds} ~ status $age");
-	my $since = one(q{SELECT COALESCE(EXTRACT(epoch FROM now() - last_success_at)::text, 'NaN') FROM portal_sync.status});
+	my $since = $node->safe_psql($of_db, q{SELECT COALESCE(EXTRACT(epoch FROM now() - last_success_at)::text, 'NaN') FROM portal_sync.status});
 	ok(($since eq 'NaN' && $mt->{last_success_age_seconds} eq 'NaN')
 		  || ($since ne 'NaN' && abs($mt->{last_success_age_seconds} - $since) < 5),
 		"$what: last_success_age_seconds $mt->{last_success_age_seconds} ~ status $since");
@@ -318,7 +342,64 @@ ok(ps_wait_until(sub { my $s = scrape(); $s && $s->{delivered_total} > $total },
 	'restarted: delivered_total goes on counting');
 check_against_status('after a worker restart');
 
-$exporter->kill_kill;
+# ---------------------------------------------------------------- every practice database
+# docs/monitoring.md: one exporter for every practice database, by
+# auto-discovery (excluding the databases without the extension) or by one
+# DSN per database (then with the default metrics off).
+$node->safe_psql('postgres', 'CREATE DATABASE practice2');
+$node->safe_psql('postgres', 'CREATE DATABASE no_portal_sync');
+ps_setup_db($node, 'practice2');
+$node->safe_psql('practice2', q{UPDATE portal_sync.settings SET enabled = false;
+	SELECT pstest.make_patient(i, 1) FROM generate_series(1, 5) i;
+	SELECT pstest.book(i) FROM generate_series(1, 3) i;});
+ok(ps_wait_until(sub { ps_status($node, 'practice2')->{state} eq 'disabled' }, 'practice2 disabled', 60),
+	'practice2: delivery disabled, events queue');
+
+my $all = start_exporter('discover_all', 'ps_exporter', [$db], '--auto-discover-databases');
+ok(ps_wait_until(sub { my $s = scrape($all); $s && $s->{datnames}{practice2} }, 'auto-discovered practice2', 60),
+	'auto-discovery: the other practice database is reported');
+is(scrape($all)->{pg_exporter_last_scrape_error}, 1,
+	'auto-discovery: a database without the extension makes the queries fail there');
+
+my $discover = start_exporter('discover', 'ps_exporter', [$db], '--auto-discover-databases',
+	'--exclude-databases=no_portal_sync');
+ok(ps_wait_until(sub { my $s = scrape($discover); $s && $s->{datnames}{practice2} }, 'auto-discovered practice2', 60),
+	'auto-discovery with --exclude-databases: practice2 is reported');
+my $s = scrape($discover);
+is_deeply([ sort keys %{ $s->{datnames} } ], [ sort($db, 'practice2') ], 'auto-discovery: one datname per practice database');
+is($s->{pg_exporter_last_scrape_error}, 0, 'auto-discovery with --exclude-databases: no query fails');
+for my $d ($db, 'practice2')
+{
+	check_against_status("auto-discovery, $d", $discover, $d);
+}
+is(scrape($discover, 'practice2')->{worker_state}, 'disabled', 'auto-discovery: practice2 is disabled');
+cmp_ok(scrape($discover, 'practice2')->{pending_events}, '>', 0, 'auto-discovery: practice2 has its own backlog');
+
+# The narrowest role: the three grants, in each database, and no pg_monitor.
+$node->safe_psql('postgres', 'CREATE ROLE ps_metrics_only LOGIN');
+for my $d ($db, 'practice2')
+{
+	$node->safe_psql($d, q{GRANT USAGE ON SCHEMA portal_sync TO ps_metrics_only;
+		GRANT SELECT ON portal_sync.metrics TO ps_metrics_only;
+		GRANT EXECUTE ON FUNCTION portal_sync.worker_metrics() TO ps_metrics_only;});
+}
+my $dsns = start_exporter('dsns', 'ps_metrics_only', [ $db, 'practice2' ],
+	'--disable-default-metrics', '--disable-settings-metrics', '--no-collector.database',
+	'--no-collector.bgwriter');
+ok(ps_wait_until(sub { my $s = scrape($dsns); $s && $s->{datnames}{practice2} && $s->{datnames}{$db} }, 'both DSNs', 60),
+	'one DSN per database: both practice databases are reported');
+$s = scrape($dsns);
+is($s->{pg_exporter_last_scrape_error}, 0, 'one DSN per database, role with the three grants only: no query fails');
+is_deeply([ grep { !/^pg_exporter_|^pg_up$/ } sort keys %{ $s->{other_pg} || {} } ], [],
+	'one DSN per database: only portal_sync metrics, no server-wide ones reported twice');
+for my $d ($db, 'practice2')
+{
+	check_against_status("one DSN per database, $d", $dsns, $d);
+}
+my ($r2) = $node->psql($db, 'SELECT count(*) FROM portal_sync.outbox', extra_params => [ '-U', 'ps_metrics_only' ]);
+isnt($r2, 0, 'the narrowest role cannot read the outbox');
+
+$_->kill_kill for @exporters;
 $node->stop;
 $portal->stop;
 done_testing();
