@@ -19,7 +19,8 @@ CREATE EXTENSION portal_sync;
 SELECT n AS object, to_regclass(n) IS NOT NULL AS present
 FROM unnest(ARRAY['portal_sync.settings', 'portal_sync.source',
 				  'portal_sync.outbox', 'portal_sync.enrollment',
-				  'portal_sync.skipped_row', 'portal_sync.sources']) AS n;
+				  'portal_sync.skipped_row', 'portal_sync.sources',
+				  'portal_sync.metrics']) AS n;
 SELECT n AS function, to_regprocedure(n) IS NOT NULL AS present
 FROM unnest(ARRAY['portal_sync.attach(regclass,text,name,name,name,name,text,text,text)',
 				  'portal_sync.detach(regclass)',

@@ -149,6 +149,33 @@ WHERE p.pronamespace = 'portal_sync'::regnamespace
 -- and no default privileges hand future objects to anyone
 SELECT count(*) AS default_acls FROM pg_default_acl
 WHERE defaclnamespace = 'portal_sync'::regnamespace;
+--
+-- pg_monitor (postgres_exporter's role) gets the monitoring view and the
+-- function it calls, and nothing else: no table, no other view.
+--
+SELECT c.oid::regclass AS relation FROM pg_class c
+WHERE c.relnamespace = 'portal_sync'::regnamespace
+  AND has_table_privilege('pg_monitor', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER');
+SELECT p.oid::regprocedure AS function FROM pg_proc p
+WHERE p.pronamespace = 'portal_sync'::regnamespace
+  AND has_function_privilege('pg_monitor', p.oid, 'EXECUTE');
+SELECT has_schema_privilege('pg_monitor', 'portal_sync', 'USAGE') AS usage,
+	   has_schema_privilege('pg_monitor', 'portal_sync', 'CREATE') AS "create";
+CREATE ROLE regress_exporter LOGIN IN ROLE pg_monitor;
+SET ROLE regress_exporter;
+SELECT datname = current_database() AS this_db, worker_state IS NOT NULL AS has_state,
+	   pending_events >= 0 AS has_pending
+FROM portal_sync.metrics;
+SELECT * FROM portal_sync.outbox;
+\echo :SQLSTATE
+SELECT * FROM portal_sync.status;
+\echo :SQLSTATE
+SELECT * FROM portal_sync.worker_status();
+\echo :SQLSTATE
+SELECT * FROM ehr.patient;
+\echo :SQLSTATE
+RESET ROLE;
+DROP ROLE regress_exporter;
 -- Clean up the role.
 DROP SCHEMA regress_clerk_own CASCADE;
 REVOKE ALL ON ALL TABLES IN SCHEMA ehr FROM regress_ehr_clerk;

@@ -359,6 +359,67 @@ FROM portal_sync.worker_status() w,
 	  FROM portal_sync.outbox) o;
 
 /*
+ * metrics: portal_sync.status for monitoring (Prometheus through
+ * postgres_exporter), one row, cheap enough to read every few seconds on
+ * an outbox of millions of rows: the outbox is read through its indexes,
+ * never scanned.  Pending events are counted exactly over the first 1000
+ * outbox rows (in seq order); past them they are estimated from the seq
+ * range left, at the density (rows per seq, events per row) of those
+ * first rows; pending_events_exact says which.  The worker's figures come from shared
+ * memory; delivered_total is NULL while no worker runs.  Granted to the
+ * predefined role pg_monitor, with worker_metrics(): no clinical content,
+ * no error text.
+ */
+CREATE FUNCTION portal_sync.worker_metrics(OUT state text, OUT consecutive_failures int,
+	OUT delivered_total bigint, OUT auth_failure boolean)
+	RETURNS record
+	AS 'MODULE_PATHNAME', 'portal_sync_worker_metrics' LANGUAGE C STRICT;
+CREATE INDEX outbox_resync_request ON portal_sync.outbox (patient_id) WHERE op = 's';
+
+CREATE VIEW portal_sync.metrics AS
+SELECT pg_catalog.current_database() AS datname,
+	   w.state AS worker_state,
+	   ARRAY['running', 'idle', 'waiting', 'backing_off', 'disabled', 'unconfigured',
+			 'needs_adoption', 'waiting_for_worker', 'not_running']
+		 || CASE WHEN w.state IN ('running', 'idle', 'waiting', 'backing_off', 'disabled',
+								  'unconfigured', 'needs_adoption', 'waiting_for_worker',
+								  'not_running')
+				 THEN '{}'::text[] ELSE ARRAY[w.state] END AS worker_states,
+	   h.events + COALESCE(pg_catalog.round((t.last_seq - h.last_seq)::numeric * h.events
+											/ (h.last_seq - h.first_seq + 1))::bigint,
+						   0) AS pending_events,
+	   h.entries < 1000 OR t.last_seq = h.last_seq AS pending_events_exact,
+	   COALESCE(EXTRACT(epoch FROM pg_catalog.now() - h.oldest_captured_at), 0)::float8
+		 AS oldest_pending_age_seconds,
+	   (SELECT pg_catalog.count(*) FROM portal_sync.outbox r WHERE r.op = 'e')
+		 + (SELECT pg_catalog.count(*) FROM portal_sync.outbox r WHERE r.op = 's')
+		 + (SELECT pg_catalog.count(*) FROM portal_sync.resync_queue) AS pending_snapshots,
+	   w.delivered_total,
+	   (SELECT pg_catalog.count(*) FROM portal_sync.dead_letter) AS dead_letters,
+	   (SELECT COALESCE(pg_catalog.sum(r.errors), 0)::bigint FROM portal_sync.rule_error r) AS rule_errors_total,
+	   w.consecutive_failures,
+	   EXTRACT(epoch FROM pg_catalog.now() - s.last_success_at)::float8 AS last_success_age_seconds,
+	   w.auth_failure
+FROM portal_sync.worker_metrics() w,
+	 (SELECT pg_catalog.count(*) AS entries,
+			 COALESCE(pg_catalog.sum(CASE WHEN f.op IN ('s', 'e') THEN 1
+										  ELSE pg_catalog.cardinality(f.keys) END), 0)::bigint AS events,
+			 pg_catalog.min(f.seq) AS first_seq,
+			 pg_catalog.max(f.seq) AS last_seq,
+			 pg_catalog.min(f.captured_at) AS oldest_captured_at
+	  FROM (SELECT o.seq, o.op, o.keys, o.captured_at FROM portal_sync.outbox o
+			ORDER BY o.seq LIMIT 1000) f) h,
+	 (SELECT pg_catalog.max(o.seq) AS last_seq FROM portal_sync.outbox o) t,
+	 (SELECT pg_catalog.max(l.accepted_at) AS last_success_at
+	  FROM (SELECT l.accepted_at FROM portal_sync.delivery_log l
+			WHERE l.accepted_at IS NOT NULL ORDER BY l.sent_at DESC LIMIT 16) l) s;
+REVOKE ALL ON portal_sync.metrics FROM PUBLIC;
+REVOKE ALL ON FUNCTION portal_sync.worker_metrics() FROM PUBLIC;
+GRANT USAGE ON SCHEMA portal_sync TO pg_monitor;
+GRANT SELECT ON portal_sync.metrics TO pg_monitor;
+GRANT EXECUTE ON FUNCTION portal_sync.worker_metrics() TO pg_monitor;
+
+/*
  * patients: every enrolled patient and where their data stands; a
  * patient whose enrollment request the worker has not settled yet is
  * listed with the request.

@@ -47,6 +47,7 @@ PACKAGES=(
 	perl libipc-run-perl
 	debhelper postgresql-server-dev-all dpkg-dev build-essential lintian
 	nginx-light python3 ca-certificates openssl
+	prometheus-postgres-exporter prometheus
 )
 
 say() { printf '\n=== %s\n' "$*"; }
