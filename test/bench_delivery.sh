@@ -38,8 +38,9 @@
 #                   each; max_batch_bytes at its default 4MB; compression
 #                   gzip), bar >= 40,000/s; and one round with
 #                   portal_sync.compression = off at batch_size 500 (no bar,
-#                   for comparison).  Also printed: the ceiling of one
-#                   request in flight, batch_size / 50 ms, and the rate as a
+#                   for comparison).  Also printed: the ceiling of
+#                   max_inflight requests in flight, batch_size x
+#                   max_inflight / 50 ms, and the rate as a
 #                   fraction of it; per round, the sink's view of a request
 #                   (the worker's time from an answer to its next request,
 #                   from its headers to its body's end, the hold, how late
@@ -835,13 +836,14 @@ for cfg in "${WAN_CONFIGS[@]}"; do
 		echo "   NOT drained after $DRAIN_TIMEOUT s: $D_PENDING events still pending"
 	else
 		rate=$(awk -v e="$D_EVENTS" -v s="$D_SECS" 'BEGIN { printf "%.0f", e / s }')
-		ceiling=$(awk -v b="$bs" -v h="$WAN_HOLD_MS" 'BEGIN { printf "%.0f", b * 1000 / h }')
+		inflight=$(q "SELECT current_setting('portal_sync.max_inflight')")
+		ceiling=$(awk -v b="$bs" -v f="$inflight" -v h="$WAN_HOLD_MS" 'BEGIN { printf "%.0f", b * f * 1000 / h }')
 		printf '   drained in %.2f s: %s events accepted in %s requests (%.0f events/request, %.1f requests/s) = %s events/s\n' \
 			"$D_SECS" "$D_EVENTS" "$D_REQUESTS" "$(awk -v e="$D_EVENTS" -v n="$D_REQUESTS" 'BEGIN { print n ? e / n : 0 }')" \
 			"$(awk -v n="$D_REQUESTS" -v s="$D_SECS" 'BEGIN { print n / s }')" "$rate"
-		printf '   first request sent %.3f s after the endpoint was set; %.1f ms per request in all (hold %s ms); ceiling of one request in flight, batch_size / hold: %s events/s; rate / ceiling = %.2f\n' \
+		printf '   first request sent %.3f s after the endpoint was set; %.1f ms per request in all (hold %s ms); ceiling of max_inflight (%s) requests in flight, batch_size x max_inflight / hold: %s events/s; rate / ceiling = %.2f\n' \
 			"$D_FIRST" "$(awk -v n="$D_REQUESTS" -v s="$D_SECS" 'BEGIN { print n ? s * 1000 / n : 0 }')" "$WAN_HOLD_MS" \
-			"$ceiling" "$(awk -v a="$rate" -v c="$ceiling" 'BEGIN { print a / c }')"
+			"$inflight" "$ceiling" "$(awk -v a="$rate" -v c="$ceiling" 'BEGIN { print a / c }')"
 	fi
 	echo "   sink: $s_req requests, $s_ev events, $s_bad bodies that did not parse; bodies $s_wire bytes as sent, $s_json bytes of JSON: wire bytes $(ratio "$s_wire" "$s_json"); $(awk -v j="$s_json" -v e="$s_ev" 'BEGIN { printf "%.1f", e ? j / e : 0 }') JSON bytes/event"
 	echo "   per request, as the sink saw it: ${s_gap} ms from an answer to the next request (the worker between requests), ${s_recv} ms from its headers to the body's end (the worker sending), $WAN_HOLD_MS ms hold, answers ${s_late} ms late on average (at most ${s_latemax} ms)"
@@ -942,8 +944,8 @@ phase_on resume && printf "$F" "resume delay" "$RESUME_MED s" "(none)" "-"
 echo "(phases run:$PHASES; snapshot time: median of $SNAP_ROUNDS rounds of $SNAP_PATIENTS patients x $SNAP_ITEMS items; drain: one round of $DRAIN_EVENTS events;"
 echo " latency: median over $LAT_ROUNDS rounds of each round's p50/p99, $LAT_RATE commits/s for $LAT_TIME s; memory: peak over the"
 echo " snapshot, drain and C-CDA phases; resume delay: median of 3;"
-echo " WAN: median of $WAN_ROUNDS round(s) of $WAN_EVENTS events per setting, sink holding $WAN_HOLD_MS ms, one request in flight, so"
-echo " at most batch_size x $(awk -v h="$WAN_HOLD_MS" 'BEGIN { printf "%g", 1000 / h }') events/s; wire bytes WAN: sink-counted body bytes / JSON bytes over the gzip rounds;"
+echo " WAN: median of $WAN_ROUNDS round(s) of $WAN_EVENTS events per setting, sink holding $WAN_HOLD_MS ms, max_inflight requests in flight, so"
+echo " at most batch_size x max_inflight x $(awk -v h="$WAN_HOLD_MS" 'BEGIN { printf "%g", 1000 / h }') events/s; wire bytes WAN: sink-counted body bytes / JSON bytes over the gzip rounds;"
 echo " wire bytes nginx: bytes received (ss) - \$request_length, i.e. chunked bodies, / (events x JSON bytes per event of the WAN round"
 echo " ${WAN_REF:-(none)}): an estimate)"
 [ "$QUICK" = 1 ] && echo "(--quick: smaller sizes than BENCHMARKS.md defines; figures are indicative only)"
