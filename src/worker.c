@@ -1222,11 +1222,11 @@ send_round(DeliveryState *delivery, const char *endpoint)
 						   : "portal_sync: sending batches");
 	sent_at = GetCurrentTimestamp();
 	http_post_all(requests, results, n);
+	answers_in_hand = results;
+	answers_in_hand_count = n;
 	pgstat_report_activity(STATE_IDLE, NULL);
 	CHECK_FOR_INTERRUPTS();
 
-	answers_in_hand = results;
-	answers_in_hand_count = n;
 	memset(&delivery->failure, 0, sizeof(delivery->failure));
 	delivery->failure.retry_after_ms = -1;
 	for (int i = 0; i < n; i++)
