@@ -11,7 +11,8 @@
  * lane the events keep the unit's order, which is every patient's seq
  * order.  Each patient goes to the lane with the fewest events so far, in
  * the order the patients first appear, so that the lanes' first batches
- * are about equally full and go out together.
+ * are about equally full and go out together.  A failed batch that is sent
+ * again as it was (the same events and seqs) opens a lane of its own.
  *
  * Copyright (c) 2026, portal_sync developers
  *
