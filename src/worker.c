@@ -27,6 +27,8 @@
  */
 #include "postgres.h"
 
+#include <malloc.h>
+
 #include "access/xact.h"
 #include "commands/extension.h"
 #include "common/pg_prng.h"
@@ -65,6 +67,14 @@
 
 /* First delay after a failure; doubled per failure up to retry_max_delay. */
 #define FIRST_RETRY_DELAY_MS		1000
+
+/*
+ * Blocks at least this large are given back to the kernel when freed.
+ * glibc raises its threshold for that after each large free, up to 32 MB,
+ * so the copies of a 10 MB document would otherwise stay in the heap,
+ * fragmented, and the worker's memory would not fall back after it.
+ */
+#define MALLOC_MMAP_THRESHOLD		(1024 * 1024)
 
 /* Most bytes of the portal's answer kept as a dead letter's reason. */
 #define MAX_REASON_BYTES			300
@@ -1395,6 +1405,8 @@ portal_sync_worker_main(Datum arg)
 
 	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
 	my_slot = &portal_sync_shared->slots[slot_index];
+	/* a fixed threshold: large rows' memory goes back when they are sent */
+	mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD);
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
