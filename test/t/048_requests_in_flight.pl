@@ -312,10 +312,10 @@ sub settle
 {
 	my ($name) = @_;
 	my $t0 = time();
-	diag(sprintf('[%.1fs] settling: %s', $t0 - $t_start, $name));
+	note(sprintf('[%.1fs] settling: %s', $t0 - $t_start, $name));
 	ps_check_settled($node, $db, $portal, $name, resends => $resends, timeout => 60)
 	  or ps_diag_stuck($node, $db);
-	diag(sprintf('[%.1fs] settled in %.1fs', time() - $t_start, time() - $t0));
+	note(sprintf('[%.1fs] settled in %.1fs', time() - $t_start, time() - $t0));
 }
 
 # ---------------------------------------------------------------- 1. in flight together
