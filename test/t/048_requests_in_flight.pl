@@ -347,15 +347,17 @@ $portal->mode({ mode => 'ok' });
 my $m_faults = ps_nreq($portal);
 my $total_mixed = 0;
 
-# The request a gate held longest, and the others of its round (arrived
-# with it).
-sub held_round
+# The requests a gate held (answered a second or more after they came),
+# each with the others of its round (arrived with it).
+sub held_rounds
 {
 	my ($reqs) = @_;
-	my ($held) = sort { $b->{answered_at} - $b->{time} <=> $a->{answered_at} - $a->{time} }
-	  grep { defined $_->{answered_at} } @$reqs;
-	return (undef, []) unless $held;
-	return ($held, [ grep { $_ != $held && abs($_->{time} - $held->{time}) < 0.05 } @$reqs ]);
+	my @out;
+	for my $held (grep { defined $_->{answered_at} && $_->{answered_at} - $_->{time} >= 1.1 } @$reqs)
+	{
+		push @out, [ $held, [ grep { $_ != $held && abs($_->{time} - $held->{time}) < 0.05 } @$reqs ] ];
+	}
+	return @out;
 }
 
 # One fault scenario: the portal is slow for a moment (so that rounds are
@@ -457,17 +459,24 @@ for my $x (grep { ($_->{status} // '') eq '429' } @$r)
 # while the others are answered at once: nothing is sent before it too is
 # answered (the worker acts on a round's answers when all are in).
 $r = fault('one request held',
-	[ { mode => 'gate', name => 'g3', seconds => 1.2, count => 1 }, { mode => 'delay', seconds => 0.05 } ],
+	[ $first_ok, { mode => 'gate', name => 'g3', seconds => 1.2, count => 1 }, { mode => 'delay', seconds => 0.05 } ],
 	happened => sub {
-		my ($held, $round) = held_round($_[0]);
-		return $held && grep { $_->{answered_at} < $held->{answered_at} - 0.5 } @$round;
+		return grep {
+			my ($held, $round) = @$_;
+			grep { $_->{answered_at} < $held->{answered_at} - 0.5 } @$round
+		} held_rounds($_[0]);
 	});
 {
-	my ($held, $round) = held_round($r);
-	my @meanwhile = grep { $_->{time} > $held->{time} + 0.05 && $_->{time} < $held->{answered_at} } @$r;
-	cmp_ok($held->{answered_at} - $held->{time}, '>=', 1.1, 'one request held: held by the gate');
-	is(scalar @meanwhile, 0, 'one request held: nothing sent until it was answered')
-	  or diag(join(', ', map { "request $_->{n} at +" . sprintf('%.3f', $_->{time} - $held->{time}) } @meanwhile));
+	my @held = held_rounds($r);
+	ok(@held >= 1, 'one request held: held by the gate (' . scalar(@held) . ' times)');
+	my @meanwhile;
+	for my $h (@held)
+	{
+		my $held = $h->[0];
+		push @meanwhile, map { "request $_->{n} at +" . sprintf('%.3f', $_->{time} - $held->{time}) . " while $held->{n} was held" }
+		  grep { $_->{time} > $held->{time} + 0.05 && $_->{time} < $held->{answered_at} } @$r;
+	}
+	ok(!@meanwhile, 'one request held: nothing sent until it was answered') or diag(join("\n", @meanwhile));
 }
 cmp_ok($total_mixed, '>=', 5, "faults: $total_mixed pairs of requests in flight together, one accepted and one failed");
 
