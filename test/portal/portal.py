@@ -20,7 +20,10 @@ Delivery: any POST whose path is not under /_control.
 Control API (JSON in, JSON out):
   GET  /_control/state              the portal's state (see state_json())
   GET  /_control/requests[?full=1][&since=N]
-                                    request summaries (full=1: with bodies)
+                                    request summaries (full=1: with bodies;
+                                    time: arrival, answered_at: when the
+                                    answer was sent, closed_at: when a close
+                                    rule dropped the connection)
   GET  /_control/health             {"ok": true}
   POST /_control/reset              forget state, requests and modes
   POST /_control/mode   {...}       set the answer rules (replaces them):
@@ -703,6 +706,7 @@ class Handler(BaseHTTPRequestHandler):
             summary['rejected'] = sorted(rejected)
             if action == 'close':
                 summary['status'] = 'closed'
+                summary['closed_at'] = time.time()
             else:
                 summary['status'] = status
                 summary['answered_at'] = time.time()
