@@ -21,13 +21,15 @@ use Time::HiRes qw(time sleep);
 my $portal = PortalSyncTest::Portal->start;
 my $node = ps_new_node('kill_drain', $portal, conf => q{
 restart_after_crash = on
-portal_sync.batch_size = 15
+portal_sync.batch_size = 5
 });
 my $db = 'postgres';
 sub one { return $node->safe_psql($db, $_[0]) }
 sub accepted { return scalar grep { $_->{status} =~ /^2/ } @{ $portal->requests } }
 
-# A slow portal: the drain takes a few hundred requests.
+# A slow portal: the drain takes a few hundred requests, up to
+# max_inflight (4) at a time, so the kills also hit rounds of several
+# requests in flight; each new worker first probes with one.
 $portal->mode({ mode => 'delay', seconds => 0.06 });
 
 my $mark = ps_nreq($portal);
