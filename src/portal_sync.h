@@ -95,6 +95,7 @@ typedef struct SourceConfig
 	int			ncompared;
 	AttrNumber *compared_attnums;
 	bool		every_update_counts;
+	bool		compare_whole_row;	/* every column, none dropped */
 } SourceConfig;
 
 extern SourceConfig *source_config_lookup(Oid relid);

@@ -326,6 +326,7 @@ load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc)
 				 !column_is_dropped(config->relid, attnum))
 			config->compared_attnums[config->ncompared++] = attnum;
 	}
+	config->compare_whole_row = all_columns && config->ncompared == natts;
 }
 
 /*
