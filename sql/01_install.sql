@@ -22,7 +22,7 @@ FROM unnest(ARRAY['portal_sync.settings', 'portal_sync.source',
 				  'portal_sync.skipped_row', 'portal_sync.sources',
 				  'portal_sync.metrics']) AS n;
 SELECT n AS function, to_regprocedure(n) IS NOT NULL AS present
-FROM unnest(ARRAY['portal_sync.attach(regclass,text,name,name,name,name,text,text,text)',
+FROM unnest(ARRAY['portal_sync.attach(regclass,text,name,name,name,name,text,text,text,name[])',
 				  'portal_sync.detach(regclass)',
 				  'portal_sync.enroll(text)']) AS n;
 

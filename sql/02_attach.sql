@@ -315,6 +315,80 @@ SELECT count(*) AS sources FROM portal_sync.sources WHERE source = 'scratch.nopk
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'scratch.nopk'::regclass;
 
 --
+-- columns: the minimum-necessary list of the columns sent in data.
+--
+CREATE TABLE scratch.visit (
+	id			int PRIMARY KEY,
+	pid			int,
+	seen		date,
+	amount		numeric,
+	ssn			text,
+	staff_comment text,
+	last_viewed_at timestamptz,
+	confidential boolean
+);
+CREATE INDEX ON scratch.visit (pid);
+-- every entry must be a column of the row, given once, in a non-empty list
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{seen, nope}');
+\echo :SQLSTATE
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{seen, xmin}');
+\echo :SQLSTATE
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{seen, amount, seen}');
+\echo :SQLSTATE
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{}');
+\echo :SQLSTATE
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => ARRAY['seen', NULL]::name[]);
+\echo :SQLSTATE
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{{seen}, {amount}}');
+\echo :SQLSTATE
+ALTER TABLE scratch.visit ADD COLUMN gone int;
+ALTER TABLE scratch.visit DROP COLUMN gone;
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{seen, gone}');
+\echo :SQLSTATE
+SELECT count(*) AS sources FROM portal_sync.sources WHERE source = 'scratch.visit'::regclass;
+-- accepted; the sources view shows the list in the order given
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', date_col => 'seen',
+						  share_when => 'NOT coalesce(confidential, false)',
+						  columns => '{amount, seen, id}');
+SELECT name, date_col, share_when, columns FROM portal_sync.sources WHERE source = 'scratch.visit'::regclass;
+-- Capture: an UPDATE that changes no column sent (amount, seen, id), nor
+-- the patient, date or key, nor one a rule reads (confidential), queues
+-- nothing; values are compared as stored (1.0 and 1.00 differ).
+INSERT INTO scratch.visit VALUES (1, 41, '2026-02-01', 1.0, '123-45-6789', 'note', now(), false),
+								 (2, 41, '2026-02-02', 2.0, '987-65-4321', NULL, NULL, NULL);
+SELECT * FROM regress_util.new_events();
+UPDATE scratch.visit SET last_viewed_at = now(), ssn = ssn || '', staff_comment = 'seen';
+UPDATE scratch.visit SET amount = amount, seen = seen;
+UPDATE scratch.visit SET confidential = confidential;
+SELECT * FROM regress_util.new_events();
+UPDATE scratch.visit SET amount = 1.00 WHERE id = 1;
+SELECT * FROM regress_util.new_events();
+UPDATE scratch.visit SET confidential = true WHERE id = 2;
+SELECT * FROM regress_util.new_events();
+UPDATE scratch.visit SET pid = 42, staff_comment = 'moved' WHERE id = 1;
+SELECT * FROM regress_util.new_events();
+-- renaming a listed column: the list follows it, like the other columns
+ALTER TABLE scratch.visit RENAME COLUMN amount TO charge;
+SELECT columns FROM portal_sync.sources WHERE source = 'scratch.visit'::regclass;
+-- dropping a listed column is refused while attached, like the date column
+ALTER TABLE scratch.visit DROP COLUMN charge;
+\echo :SQLSTATE
+ALTER TABLE scratch.visit DROP COLUMN staff_comment;
+-- re-attaching replaces the list; NULL is every column again
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid', columns => '{seen}');
+SELECT columns FROM portal_sync.sources WHERE source = 'scratch.visit'::regclass;
+ALTER TABLE scratch.visit DROP COLUMN ssn;
+SELECT portal_sync.attach('scratch.visit', 'insurance', 'pid');
+SELECT columns IS NULL AS every_column FROM portal_sync.sources WHERE source = 'scratch.visit'::regclass;
+-- with every column sent, SET x = x still queues nothing (also for rows
+-- that still hold values of the dropped columns); any change does
+UPDATE scratch.visit SET charge = charge, last_viewed_at = last_viewed_at;
+SELECT * FROM regress_util.new_events();
+UPDATE scratch.visit SET last_viewed_at = '2026-03-01' WHERE id = 2;
+SELECT * FROM regress_util.new_events();
+SELECT portal_sync.detach('scratch.visit');
+
+--
 -- detach
 --
 SELECT portal_sync.detach('scratch.cpk');

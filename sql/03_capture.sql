@@ -60,6 +60,13 @@ UPDATE ehr.medication SET dose = 'x' WHERE false;
 DELETE FROM ehr.medication WHERE med_id = -1;
 INSERT INTO ehr.medication (med_id, patient_id, drug_name) SELECT 1, 1, 'x' WHERE false;
 SELECT * FROM regress_util.new_events();
+-- Nor does one that leaves every value as it was (every column is sent);
+-- only the rows it does change are queued.
+UPDATE ehr.medication SET dose = dose, end_date = NULL;
+UPDATE ehr.medication SET dose = 'as directed' WHERE med_id IN (102, 103, 105);
+SELECT * FROM regress_util.new_events();
+UPDATE ehr.medication SET dose = 'as directed' WHERE med_id IN (102, 105, 106);
+SELECT * FROM regress_util.new_events();
 
 -- Several statements in one transaction: one row per statement.
 BEGIN;

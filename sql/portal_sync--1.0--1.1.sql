@@ -434,6 +434,46 @@ GRANT USAGE ON SCHEMA portal_sync TO pg_monitor;
 GRANT SELECT ON portal_sync.metrics TO pg_monitor;
 GRANT EXECUTE ON FUNCTION portal_sync.worker_metrics() TO pg_monitor;
 
+/*
+ * The minimum-necessary columns of a source: data carries only these
+ * (attribute numbers, like the other columns of the settings; NULL: all).
+ */
+ALTER TABLE portal_sync.source ADD COLUMN column_attnums int2[];
+DROP FUNCTION portal_sync.attach(regclass, text, name, name, name, name, text, text, text);
+CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,
+								   key_col name DEFAULT NULL,
+								   date_col name DEFAULT NULL,
+								   privacy_col name DEFAULT NULL,
+								   share_when text DEFAULT NULL,
+								   enroll_when text DEFAULT NULL,
+								   name text DEFAULT NULL,
+								   columns name[] DEFAULT NULL)
+	RETURNS void
+	AS 'MODULE_PATHNAME', 'portal_sync_attach' LANGUAGE C CALLED ON NULL INPUT;
+DROP VIEW portal_sync.sources;
+CREATE VIEW portal_sync.sources AS
+SELECT s.name,
+	   s.relid::regclass AS source,
+	   s.kind,
+	   pa.attname AS patient_col,
+	   ka.attname AS key_col,
+	   da.attname AS date_col,
+	   va.attname AS privacy_col,
+	   pg_catalog.pg_get_expr(s.share_when, s.relid) AS share_when,
+	   pg_catalog.pg_get_expr(s.enroll_when, s.relid) AS enroll_when,
+	   CASE WHEN s.column_attnums IS NOT NULL THEN
+		   ARRAY(SELECT ca.attname
+				 FROM pg_catalog.unnest(s.column_attnums) WITH ORDINALITY AS c(attnum, n)
+				 JOIN pg_catalog.pg_attribute ca ON ca.attrelid = s.relid AND ca.attnum = c.attnum
+				 ORDER BY c.n)
+	   END AS columns,
+	   s.attached_at
+FROM portal_sync.source s
+JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum
+JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_attnum
+LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum
+LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum;
+
 /* Nothing in the schema is for PUBLIC. */
 REVOKE ALL ON ALL TABLES IN SCHEMA portal_sync FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA portal_sync FROM PUBLIC;

@@ -77,7 +77,8 @@ CREATE TABLE portal_sync.source (
 	share_when pg_node_tree,
 	enroll_when_text text,
 	enroll_when pg_node_tree,
-	attached_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+	attached_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	column_attnums int2[]		/* the columns sent in data; NULL: all */
 );
 
 /*
@@ -227,7 +228,8 @@ CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,
 								   privacy_col name DEFAULT NULL,
 								   share_when text DEFAULT NULL,
 								   enroll_when text DEFAULT NULL,
-								   name text DEFAULT NULL)
+								   name text DEFAULT NULL,
+								   columns name[] DEFAULT NULL)
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'portal_sync_attach' LANGUAGE C CALLED ON NULL INPUT;
 
@@ -282,6 +284,12 @@ SELECT s.name,
 	   va.attname AS privacy_col,
 	   pg_catalog.pg_get_expr(s.share_when, s.relid) AS share_when,
 	   pg_catalog.pg_get_expr(s.enroll_when, s.relid) AS enroll_when,
+	   CASE WHEN s.column_attnums IS NOT NULL THEN
+		   ARRAY(SELECT ca.attname
+				 FROM pg_catalog.unnest(s.column_attnums) WITH ORDINALITY AS c(attnum, n)
+				 JOIN pg_catalog.pg_attribute ca ON ca.attrelid = s.relid AND ca.attnum = c.attnum
+				 ORDER BY c.n)
+	   END AS columns,
 	   s.attached_at
 FROM portal_sync.source s
 JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum

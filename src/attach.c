@@ -8,7 +8,9 @@
  * portal_sync.source and creates the capture triggers.  The triggers
  * depend on the columns that portal_sync reads, so those columns cannot be
  * dropped or retyped under it; renaming them is harmless because settings
- * are kept by attribute number and analyzed expression.
+ * are kept by attribute number and analyzed expression.  The columns sent
+ * in data (the columns argument, the minimum-necessary list) are kept and
+ * protected the same way.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -29,6 +31,7 @@
 #include "miscadmin.h"
 #include "nodes/nodeFuncs.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -74,6 +77,9 @@ typedef struct AttachRequest
 	Node	   *share_when;
 	char	   *enroll_when_text;
 	Node	   *enroll_when;
+	bool		has_columns_arg;	/* false: called through 1.0's signature */
+	int			ncolumns;		/* -1: all columns (columns is NULL) */
+	AttrNumber *columns;
 } AttachRequest;
 
 /*
@@ -225,6 +231,66 @@ check_relation(Relation rel)
 }
 
 /*
+ * Check the columns argument, the minimum-necessary list of the columns
+ * sent in data, into attribute numbers in the order given.  Every entry
+ * must be an ordinary column of the table, named once; an empty list
+ * would send rows without content and is refused (NULL means all).
+ */
+static void
+check_columns(Relation rel, ArrayType *array, AttachRequest *req)
+{
+	Datum	   *names;
+	bool	   *nulls;
+	int			count;
+
+	if (ARR_NDIM(array) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("columns must be a one-dimensional array")));
+	deconstruct_array(array, NAMEOID, NAMEDATALEN, false, TYPALIGN_CHAR,
+					  &names, &nulls, &count);
+	if (count == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("columns must name at least one column"),
+				 errhint("Give NULL (the default) to send every column.")));
+
+	req->ncolumns = count;
+	req->columns = palloc(count * sizeof(AttrNumber));
+	for (int i = 0; i < count; i++)
+	{
+		const char *column;
+		AttrNumber	attnum;
+
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("columns must not contain NULL")));
+		column = NameStr(*DatumGetName(names[i]));
+		attnum = get_attnum(RelationGetRelid(rel), column);
+		if (attnum == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" of relation \"%s\" does not exist",
+							column, RelationGetRelationName(rel)),
+					 errdetail("It was given in columns.")));
+		if (attnum < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_COLUMN_REFERENCE),
+					 errmsg("\"%s\" is a system column", column),
+					 errdetail("columns lists columns of the table's rows.")));
+		for (int j = 0; j < i; j++)
+		{
+			if (req->columns[j] == attnum)
+				ereport(ERROR,
+						(errcode(ERRCODE_DUPLICATE_COLUMN),
+						 errmsg("column \"%s\" is given twice in columns", column)));
+		}
+		req->columns[i] = attnum;
+	}
+}
+
+/*
  * Check every argument of attach(), filling the request.  Nothing is
  * changed yet.
  */
@@ -311,6 +377,12 @@ check_attach_request(Relation rel, FunctionCallInfo fcinfo, AttachRequest *req)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("name must not be empty")));
+
+	/* 1.0's attach() has no columns argument (nor a column to store it) */
+	req->has_columns_arg = PG_NARGS() > 9;
+	req->ncolumns = -1;
+	if (req->has_columns_arg && !PG_ARGISNULL(9))
+		check_columns(rel, PG_GETARG_ARRAYTYPE_P(9), req);
 
 	if (!column_leads_an_index(rel, req->patient_attnum))
 		ereport(WARNING,
@@ -492,10 +564,10 @@ check_name_is_free(AttachRequest *req)
 static void
 store_source(AttachRequest *req)
 {
-	Oid			types[11] = {OIDOID, TEXTOID, TEXTOID, INT2OID, INT2OID, INT2OID,
-	INT2OID, TEXTOID, PG_NODE_TREEOID, TEXTOID, PG_NODE_TREEOID};
-	Datum		values[11];
-	char		nulls[12] = "           ";
+	Oid			types[12] = {OIDOID, TEXTOID, TEXTOID, INT2OID, INT2OID, INT2OID,
+	INT2OID, TEXTOID, PG_NODE_TREEOID, TEXTOID, PG_NODE_TREEOID, INT2ARRAYOID};
+	Datum		values[12];
+	char		nulls[13] = "            ";
 
 	values[0] = ObjectIdGetDatum(req->relid);
 	values[1] = CStringGetTextDatum(req->kind_name);
@@ -522,21 +594,36 @@ store_source(AttachRequest *req)
 	}
 	else
 		nulls[9] = nulls[10] = 'n';
+	if (req->ncolumns > 0)
+	{
+		Datum	   *attnums = palloc(req->ncolumns * sizeof(Datum));
 
-	execute_with_args("INSERT INTO portal_sync.source AS s (relid, kind, name,"
-					  "  patient_attnum, key_attnum, date_attnum, privacy_attnum,"
-					  "  share_when_text, share_when, enroll_when_text, enroll_when)"
-					  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-					  " ON CONFLICT (relid) DO UPDATE SET kind = excluded.kind,"
-					  "  name = excluded.name, patient_attnum = excluded.patient_attnum,"
-					  "  key_attnum = excluded.key_attnum, date_attnum = excluded.date_attnum,"
-					  "  privacy_attnum = excluded.privacy_attnum,"
-					  "  share_when_text = excluded.share_when_text,"
-					  "  share_when = excluded.share_when,"
-					  "  enroll_when_text = excluded.enroll_when_text,"
-					  "  enroll_when = excluded.enroll_when,"
-					  "  attached_at = pg_catalog.now()",
-					  11, types, values, nulls, SPI_OK_INSERT);
+		for (int i = 0; i < req->ncolumns; i++)
+			attnums[i] = Int16GetDatum(req->columns[i]);
+		values[11] = PointerGetDatum(construct_array(attnums, req->ncolumns, INT2OID,
+													 sizeof(int16), true, TYPALIGN_SHORT));
+	}
+	else
+		nulls[11] = 'n';
+
+	/* the 1.0 schema, before ALTER EXTENSION ... UPDATE, has no columns */
+	execute_with_args(psprintf("INSERT INTO portal_sync.source AS s (relid, kind, name,"
+							   "  patient_attnum, key_attnum, date_attnum, privacy_attnum,"
+							   "  share_when_text, share_when, enroll_when_text, enroll_when%s)"
+							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11%s)"
+							   " ON CONFLICT (relid) DO UPDATE SET kind = excluded.kind,"
+							   "  name = excluded.name, patient_attnum = excluded.patient_attnum,"
+							   "  key_attnum = excluded.key_attnum, date_attnum = excluded.date_attnum,"
+							   "  privacy_attnum = excluded.privacy_attnum,"
+							   "  share_when_text = excluded.share_when_text,"
+							   "  share_when = excluded.share_when,"
+							   "  enroll_when_text = excluded.enroll_when_text,"
+							   "  enroll_when = excluded.enroll_when,%s"
+							   "  attached_at = pg_catalog.now()",
+							   req->has_columns_arg ? ", column_attnums" : "",
+							   req->has_columns_arg ? ", $12" : "",
+							   req->has_columns_arg ? " column_attnums = excluded.column_attnums," : ""),
+					  req->has_columns_arg ? 12 : 11, types, values, nulls, SPI_OK_INSERT);
 }
 
 /*
@@ -582,6 +669,14 @@ record_column_dependencies(AttachRequest *req)
 		ObjectAddressSubSet(column, RelationRelationId, req->relid, columns[i]);
 		recordDependencyOn(&trigger, &column, DEPENDENCY_NORMAL);
 	}
+	/* the columns sent in data, like the others */
+	for (int i = 0; i < req->ncolumns; i++)
+	{
+		ObjectAddress column;
+
+		ObjectAddressSubSet(column, RelationRelationId, req->relid, req->columns[i]);
+		recordDependencyOn(&trigger, &column, DEPENDENCY_NORMAL);
+	}
 	if (req->share_when != NULL)
 		recordDependencyOnSingleRelExpr(&trigger, req->share_when, req->relid,
 										DEPENDENCY_NORMAL, DEPENDENCY_NORMAL, false);
@@ -615,7 +710,8 @@ create_capture_triggers(AttachRequest *req)
 /*
  * portal_sync.attach(source regclass, kind text, patient_col name,
  *					  key_col name, date_col name, privacy_col name,
- *					  share_when text, enroll_when text, name text)
+ *					  share_when text, enroll_when text, name text,
+ *					  columns name[])
  *
  * Attach (or re-attach, replacing its settings) an EHR table.
  */

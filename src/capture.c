@@ -9,7 +9,9 @@
  * holding the keys of the rows that changed, so a bulk statement costs a
  * handful of outbox rows per patient instead of one per row.  It records
  * only which rows changed, never their content: delivery reads each row
- * as it is when it is sent.
+ * as it is when it is sent.  An UPDATE of a row that changes none of the
+ * columns sent or decided on (an EHR bumping last_viewed_at, a no-op
+ * SET x = x) records nothing.
  *
  * Which patients' changes are recorded depends on the kind of source:
  * insurance always; other kinds only for enrolled patients.  Rows of the
@@ -307,9 +309,85 @@ same_key(SourceConfig *config, TupleTableSlot *old_slot, TupleTableSlot *new_slo
 }
 
 /*
+ * Are the stored bytes of two rows' values the same?  With every column
+ * compared and no dropped column, that is one comparison of their null
+ * bitmaps and data instead of one per column.  -1 when the rows do not
+ * store the same number of attributes (a column was added after the old
+ * row was written): the caller compares the columns.
+ */
+static int
+same_stored_values(TupleTableSlot *old_slot, TupleTableSlot *new_slot)
+{
+	MinimalTuple old_tuple = ((MinimalTupleTableSlot *) old_slot)->mintuple;
+	MinimalTuple new_tuple = ((MinimalTupleTableSlot *) new_slot)->mintuple;
+	int			natts;
+	int			data;
+
+	Assert(TTS_IS_MINIMALTUPLE(old_slot) && TTS_IS_MINIMALTUPLE(new_slot));
+	natts = HeapTupleHeaderGetNatts(old_tuple);
+	if (natts != HeapTupleHeaderGetNatts(new_tuple))
+		return -1;
+	if ((old_tuple->t_infomask & HEAP_HASNULL) != (new_tuple->t_infomask & HEAP_HASNULL) ||
+		old_tuple->t_hoff != new_tuple->t_hoff || old_tuple->t_len != new_tuple->t_len)
+		return 0;
+	if ((old_tuple->t_infomask & HEAP_HASNULL) &&
+		memcmp(old_tuple->t_bits, new_tuple->t_bits, BITMAPLEN(natts)) != 0)
+		return 0;
+	/* t_hoff counts from where a full tuple header would begin */
+	data = old_tuple->t_hoff - MINIMAL_TUPLE_OFFSET;
+	return memcmp((char *) old_tuple + data, (char *) new_tuple + data,
+				  old_tuple->t_len - data) == 0;
+}
+
+/*
+ * Does an UPDATE leave the row as the portal and the rules see it?  True
+ * when none of the source's compared columns (see source_cache.c) changed.
+ * Values are compared as stored, byte for byte: a value equal by "=" but
+ * not in its bytes (numeric 1.0 and 1.00) is a change the portal must see,
+ * and an unchanged TOASTed value keeps its toast pointer, so it compares
+ * without being fetched.  The rows are deformed only as far as the
+ * comparison goes: a changed row usually differs early.
+ */
+static bool
+row_unchanged(SourceConfig *config, TupleTableSlot *old_slot, TupleTableSlot *new_slot)
+{
+	TupleDesc	desc = old_slot->tts_tupleDescriptor;
+
+	if (config->every_update_counts || config->ncompared == 0 ||
+		config->compared_attnums[config->ncompared - 1] > desc->natts)
+		return false;
+	if (config->compare_whole_row)
+	{
+		int			same = same_stored_values(old_slot, new_slot);
+
+		if (same >= 0)
+			return same == 1;
+	}
+	for (int i = 0; i < config->ncompared; i++)
+	{
+		AttrNumber	attnum = config->compared_attnums[i];
+		int			index = attnum - 1;
+		Form_pg_attribute attr = TupleDescAttr(desc, index);
+
+		if (old_slot->tts_nvalid < attnum)
+			slot_getsomeattrs(old_slot, attnum);
+		if (new_slot->tts_nvalid < attnum)
+			slot_getsomeattrs(new_slot, attnum);
+		if (old_slot->tts_isnull[index] != new_slot->tts_isnull[index])
+			return false;
+		if (!old_slot->tts_isnull[index] &&
+			!datumIsEqual(old_slot->tts_values[index], new_slot->tts_values[index],
+						  attr->attbyval, attr->attlen))
+			return false;
+	}
+	return true;
+}
+
+/*
  * Record one changed row.  new_slot is NULL for a delete, old_slot NULL for
  * an insert; an update passes both, so that a row that moved to another
- * patient, or changed its key, is also reported where it was.
+ * patient, or changed its key, is also reported where it was.  An update
+ * that changes nothing the portal or the rules see records nothing.
  */
 static void
 capture_row(CaptureState *state, TupleTableSlot *old_slot, TupleTableSlot *new_slot)
@@ -317,6 +395,10 @@ capture_row(CaptureState *state, TupleTableSlot *old_slot, TupleTableSlot *new_s
 	SourceConfig *config = state->config;
 	PatientEntry *old_patient = NULL;
 	PatientEntry *new_patient = NULL;
+
+	if (old_slot != NULL && new_slot != NULL &&
+		row_unchanged(config, old_slot, new_slot))
+		return;
 
 	if (old_slot != NULL)
 		old_patient = row_patient(state, old_slot);

@@ -90,6 +90,17 @@ typedef struct SourceConfig
 	FmgrInfo	patient_output;
 	FmgrInfo	key_output;
 	Expr	   *enroll_when;	/* planned expression, or NULL for "true" */
+
+	/*
+	 * The columns an UPDATE must change to be sent (those sent in data, the
+	 * patient, key, date and privacy columns, and those the rules read), in
+	 * ascending order; every update counts when a rule reads a system
+	 * column.
+	 */
+	int			ncompared;
+	AttrNumber *compared_attnums;
+	bool		every_update_counts;
+	bool		compare_whole_row;	/* every column, none dropped */
 } SourceConfig;
 
 extern SourceConfig *source_config_lookup(Oid relid);

@@ -6,8 +6,10 @@
  * The capture triggers run on every write of the EHR, so the settings of
  * an attached table are read from portal_sync.source once per backend and
  * kept until a relcache invalidation of that table says they may have
- * changed (attach, detach and any ALTER TABLE send one).  The OIDs of the
- * extension's own relations are cached the same way.
+ * changed (attach, detach and any ALTER TABLE send one).  Among them is
+ * what capture derives from the settings: which columns an UPDATE must
+ * change to be recorded.  The OIDs of the extension's own relations are
+ * cached the same way.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -21,6 +23,9 @@
 #include "access/tableam.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "nodes/bitmapset.h"
+#include "optimizer/optimizer.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
@@ -28,6 +33,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 
 #include "portal_sync.h"
 
@@ -38,7 +44,11 @@
 #define Anum_source_name			4
 #define Anum_source_patient_attnum	5
 #define Anum_source_key_attnum		6
+#define Anum_source_date_attnum		7
+#define Anum_source_privacy_attnum	8
+#define Anum_source_share_when		10
 #define Anum_source_enroll_when		12
+#define Anum_source_column_attnums	14	/* since 1.1 */
 
 typedef struct CachedSource
 {
@@ -197,6 +207,129 @@ portal_sync_relid(const char *relname)
 }
 
 /*
+ * The number of attributes of a table, dropped ones included.
+ */
+static AttrNumber
+relation_natts(Oid relid)
+{
+	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	AttrNumber	natts;
+
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	natts = ((Form_pg_class) GETSTRUCT(tuple))->relnatts;
+	ReleaseSysCache(tuple);
+	return natts;
+}
+
+/*
+ * Is this attribute of the table a dropped column?  Rows written before
+ * the drop still hold its old value, and rows written after hold NULL:
+ * comparing it would count every old row's update as a change.
+ */
+static bool
+column_is_dropped(Oid relid, AttrNumber attnum)
+{
+	HeapTuple	tuple = SearchSysCache2(ATTNUM, ObjectIdGetDatum(relid),
+										Int16GetDatum(attnum));
+	bool		dropped = true;
+
+	if (HeapTupleIsValid(tuple))
+	{
+		dropped = ((Form_pg_attribute) GETSTRUCT(tuple))->attisdropped;
+		ReleaseSysCache(tuple);
+	}
+	return dropped;
+}
+
+/*
+ * Add an attribute number to a set kept the way pull_varattnos keeps it.
+ */
+static Bitmapset *
+add_attnum(Bitmapset *attnums, AttrNumber attnum)
+{
+	if (attnum == InvalidAttrNumber)
+		return attnums;
+	return bms_add_member(attnums, attnum - FirstLowInvalidHeapAttributeNumber);
+}
+
+/*
+ * Work out, once per attachment, which columns an UPDATE must change to be
+ * captured: the columns sent in data (all of them when the source has no
+ * columns list), the patient, key, date and privacy columns, and every
+ * column share_when or enroll_when reads.  An UPDATE that changes none of
+ * them changes nothing the portal sees or the rules decide on.  A rule
+ * that reads the whole row compares every column; one that reads a system
+ * column (which every UPDATE changes) makes every update count.
+ */
+static void
+load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc)
+{
+	Bitmapset  *attnums = NULL;
+	bool		isnull;
+	Datum		value;
+	bool		all_columns = true;
+	AttrNumber	natts = relation_natts(config->relid);
+	int			member = -1;
+
+	attnums = add_attnum(attnums, config->patient_attnum);
+	attnums = add_attnum(attnums, config->key_attnum);
+	value = heap_getattr(tuple, Anum_source_date_attnum, desc, &isnull);
+	if (!isnull)
+		attnums = add_attnum(attnums, DatumGetInt16(value));
+	value = heap_getattr(tuple, Anum_source_privacy_attnum, desc, &isnull);
+	if (!isnull)
+		attnums = add_attnum(attnums, DatumGetInt16(value));
+	value = heap_getattr(tuple, Anum_source_share_when, desc, &isnull);
+	if (!isnull)
+		pull_varattnos(stringToNode(TextDatumGetCString(value)), 1, &attnums);
+	if (config->enroll_when != NULL)
+		pull_varattnos((Node *) config->enroll_when, 1, &attnums);
+
+	/* a 1.0 schema has no columns list: every column is sent */
+	if (desc->natts >= Anum_source_column_attnums)
+	{
+		value = heap_getattr(tuple, Anum_source_column_attnums, desc, &isnull);
+		if (!isnull)
+		{
+			Datum	   *elements;
+			int			count;
+
+			deconstruct_array(DatumGetArrayTypeP(value), INT2OID, sizeof(int16), true,
+							  TYPALIGN_SHORT, &elements, NULL, &count);
+			for (int i = 0; i < count; i++)
+				attnums = add_attnum(attnums, DatumGetInt16(elements[i]));
+			all_columns = false;
+		}
+	}
+	if (bms_is_member(0 - FirstLowInvalidHeapAttributeNumber, attnums))
+		all_columns = true;
+
+	config->every_update_counts = false;
+	config->ncompared = 0;
+	config->compared_attnums = palloc(Max(natts, 1) * sizeof(AttrNumber));
+	if (all_columns)
+	{
+		for (AttrNumber attnum = 1; attnum <= natts; attnum++)
+		{
+			if (!column_is_dropped(config->relid, attnum))
+				config->compared_attnums[config->ncompared++] = attnum;
+		}
+	}
+	while ((member = bms_next_member(attnums, member)) >= 0)
+	{
+		AttrNumber	attnum = member + FirstLowInvalidHeapAttributeNumber;
+
+		if (attnum < 0)
+			config->every_update_counts = true;
+		else if (attnum > 0 && !all_columns && attnum <= natts &&
+				 !column_is_dropped(config->relid, attnum))
+			config->compared_attnums[config->ncompared++] = attnum;
+	}
+	config->compare_whole_row = all_columns && config->ncompared == natts;
+}
+
+/*
  * Fill a cache entry from the tuple of portal_sync.source for its table.
  */
 static void
@@ -243,6 +376,8 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 
 	value = heap_getattr(tuple, Anum_source_enroll_when, desc, &isnull);
 	config->enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));
+
+	load_compared_columns(config, tuple, desc);
 
 	MemoryContextSwitchTo(oldcontext);
 	config->valid = true;

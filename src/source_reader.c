@@ -120,15 +120,18 @@ shareable_sql(const char *date_col, const char *privacy_col, const char *share_w
 }
 
 /*
- * The SQL that turns row "t" into a JSON object, given its column names.
- * Naming the columns (json_build_object) rather than the whole row
- * (to_json(t)) keeps the executor from copying the whole detoasted row:
- * with a C-CDA document of megabytes that copy is the size of the
- * document.  The output is the same.  A function takes at most 100
- * arguments, so wide tables use to_json(t).
+ * The SQL that turns row "t" into a JSON object, given the names of the
+ * columns sent in data: all of them, or the source's columns list
+ * ("listed").  Naming the columns (json_build_object) rather than the
+ * whole row (to_json(t)) keeps the executor from copying the whole
+ * detoasted row: with a C-CDA document of megabytes that copy is the size
+ * of the document.  A function takes at most 100 arguments, so wide tables
+ * use to_json(t), and a list too long for json_build_object the to_json
+ * of a row of the listed columns alone.  Data must never hold a column
+ * the list leaves out, whatever the path.
  */
 static char *
-row_json_sql(Datum column_names)
+row_json_sql(Datum column_names, bool listed)
 {
 	Datum	   *names;
 	int			count;
@@ -136,7 +139,17 @@ row_json_sql(Datum column_names)
 
 	deconstruct_array(DatumGetArrayTypeP(column_names), TEXTOID, -1, false,
 					  TYPALIGN_INT, &names, NULL, &count);
-	if (count == 0 || count * 2 > FUNC_MAX_ARGS)
+	if (listed && count * 2 > FUNC_MAX_ARGS)
+	{
+		initStringInfo(&sql);
+		appendStringInfoString(&sql, "pg_catalog.to_json((SELECT r FROM (SELECT ");
+		for (int i = 0; i < count; i++)
+			appendStringInfo(&sql, "%st.%s", i > 0 ? ", " : "",
+							 quote_identifier(TextDatumGetCString(names[i])));
+		appendStringInfoString(&sql, ") r))::pg_catalog.text");
+		return sql.data;
+	}
+	if (!listed && (count == 0 || count * 2 > FUNC_MAX_ARGS))
 		return "pg_catalog.to_json(t)::pg_catalog.text";
 
 	initStringInfo(&sql);
@@ -182,11 +195,13 @@ load_worker_sources(void)
 					  " da.attname, va.attname, pg_catalog.pg_get_expr(s.share_when, s.relid),"
 					  " ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a"
 					  "       WHERE a.attrelid = s.relid AND a.attnum > 0 AND NOT a.attisdropped"
-					  "       ORDER BY a.attnum)::pg_catalog.text[],"
+					  "         AND (s.column_attnums IS NULL OR a.attnum = ANY (s.column_attnums))"
+					  "       ORDER BY COALESCE(pg_catalog.array_position(s.column_attnums, a.attnum),"
+					  "                         a.attnum))::pg_catalog.text[],"
 					  " pa.atttypid, ka.atttypid,"
 					  " (SELECT pg_catalog.format_type(ca.atttypid, NULL) FROM portal_sync.source cs"
 					  "  JOIN pg_catalog.pg_attribute ca ON ca.attrelid = cs.relid AND ca.attnum = cs.patient_attnum"
-					  "  WHERE cs.kind = 'patient'), s.relid"
+					  "  WHERE cs.kind = 'patient'), s.relid, s.column_attnums IS NOT NULL"
 					  " FROM portal_sync.source s"
 					  " JOIN pg_catalog.pg_class c ON c.oid = s.relid"
 					  " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
@@ -216,7 +231,8 @@ load_worker_sources(void)
 		char	   *date_col = SPI_getvalue(tuple, desc, 10);
 		char	   *privacy_col = SPI_getvalue(tuple, desc, 11);
 		char	   *shareable = shareable_sql(date_col, privacy_col, SPI_getvalue(tuple, desc, 12));
-		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull));
+		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull),
+											DatumGetBool(SPI_getbinval(tuple, desc, 18, &isnull)));
 
 		/* a patient id is a value of the chart's type (attach checks it) */
 		char	   *id_type = chart_patient_type ? chart_patient_type : patient_type;

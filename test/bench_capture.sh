@@ -14,6 +14,10 @@
 #                        per transaction for a random patient: TPS with
 #                        portal_sync / TPS without  (bar >= 0.95)
 #
+# Each ratio is printed twice: with the table attached as the reference
+# setup attaches it (every column sent), and attached with a columns list
+# (mode "columns": the minimum-necessary columns of attach()).
+#
 # Rounds are interleaved (none, portal_sync, reference, none, ...) in one
 # server and, for the bulk insert, one psql session; the table is truncated
 # and CHECKPOINTed before every round; figures are medians.
@@ -159,7 +163,13 @@ CREATE TABLE bench.attach_args AS
 SELECT format('SELECT portal_sync.attach(%L, %L, %L, key_col => %L, date_col => %L, '
               'privacy_col => %L, share_when => %L, enroll_when => %L, name => %L)',
               source, kind, patient_col, key_col, date_col, privacy_col,
-              share_when, enroll_when, name) AS sql
+              share_when, enroll_when, name) AS sql,
+       format('SELECT portal_sync.attach(%L, %L, %L, key_col => %L, date_col => %L, '
+              'privacy_col => %L, share_when => %L, enroll_when => %L, name => %L, '
+              'columns => %L)',
+              source, kind, patient_col, key_col, date_col, privacy_col,
+              share_when, enroll_when, name,
+              '{med_id, drug_name, dose, route, frequency, start_date, end_date, status}') AS sql_columns
 FROM portal_sync.sources WHERE source = '$TABLE'::regclass;
 
 -- The reference trigger: the plain way a DBA would write capture.
@@ -199,6 +209,8 @@ BEGIN
     DROP TRIGGER IF EXISTS ref_capture ON $TABLE;
     IF mode = 'portal_sync' THEN
         EXECUTE (SELECT sql FROM bench.attach_args);
+    ELSIF mode = 'columns' THEN
+        EXECUTE (SELECT sql_columns FROM bench.attach_args);
     ELSIF mode = 'reference' THEN
         CREATE TRIGGER ref_capture AFTER INSERT OR UPDATE OR DELETE ON $TABLE
             FOR EACH ROW EXECUTE FUNCTION bench.ref_capture();
@@ -207,7 +219,7 @@ BEGIN
     SELECT count(*) INTO n FROM pg_trigger
     WHERE tgrelid = '$TABLE'::regclass AND NOT tgisinternal;
     IF (mode = 'none' AND n <> 0) OR (mode = 'reference' AND n <> 1)
-       OR (mode = 'portal_sync' AND n = 0) THEN
+       OR (mode IN ('portal_sync', 'columns') AND n = 0) THEN
         RAISE EXCEPTION 'unexpected triggers on $TABLE in mode %: %', mode, n;
     END IF;
 END
@@ -276,9 +288,9 @@ INSERT INTO bench.result SELECT 'bulk', '$1', $2, :secs WHERE $2 > 0;
 \\echo '   round $2 $1' :secs 's  (outbox rows:' :outbox_rows ', reference outbox rows:' :ref_rows ')'
 EOF
 	}
-	for m in none portal_sync reference; do round "$m" 0; done
+	for m in none portal_sync columns reference; do round "$m" 0; done
 	for ((r = 1; r <= ROUNDS; r++)); do
-		for m in none portal_sync reference; do round "$m" "$r"; done
+		for m in none portal_sync columns reference; do round "$m" "$r"; done
 	done
 	echo "SELECT bench.set_mode('portal_sync') \\gset"
 } >"$SCRIPT"
@@ -330,9 +342,11 @@ pgb_round() { # mode round-number seconds
 }
 pgb_round none 0 5
 pgb_round portal_sync 0 5
+pgb_round columns 0 5
 for ((r = 1; r <= PGB_ROUNDS; r++)); do
 	pgb_round none "$r" "$PGB_TIME"
 	pgb_round portal_sync "$r" "$PGB_TIME"
+	pgb_round columns "$r" "$PGB_TIME"
 done
 
 # ---------------------------------------------------------------- figures
@@ -342,27 +356,41 @@ psql_bench -At <<'EOF'
 WITH m AS (
     SELECT phase, mode,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY value) AS med,
+           min(value) AS lo, max(value) AS hi,
            count(*) AS n
     FROM bench.result GROUP BY phase, mode
 ), b AS (
     SELECT max(med) FILTER (WHERE mode = 'none') AS none,
            max(med) FILTER (WHERE mode = 'portal_sync') AS ps,
+           max(med) FILTER (WHERE mode = 'columns') AS cols,
            max(med) FILTER (WHERE mode = 'reference') AS ref,
            min(n) AS n
     FROM m WHERE phase = 'bulk'
 ), o AS (
     SELECT max(med) FILTER (WHERE mode = 'none') AS none,
            max(med) FILTER (WHERE mode = 'portal_sync') AS ps,
+           max(med) FILTER (WHERE mode = 'columns') AS cols,
            min(n) AS n
     FROM m WHERE phase = 'oltp'
 )
-SELECT format('bulk insert, median of %s rounds: none %s s, portal_sync %s s, reference trigger %s s',
-              b.n, round(b.none::numeric, 3), round(b.ps::numeric, 3), round(b.ref::numeric, 3))
+SELECT format('spread %-4s %-12s median %s, min %s, max %s (%s rounds)',
+              phase, mode, round(med::numeric, 3), round(lo::numeric, 3),
+              round(hi::numeric, 3), n)
+FROM m
+UNION ALL
+SELECT format('bulk insert, median of %s rounds: none %s s, portal_sync %s s, columns %s s, reference trigger %s s',
+              b.n, round(b.none::numeric, 3), round(b.ps::numeric, 3), round(b.cols::numeric, 3),
+              round(b.ref::numeric, 3))
 FROM b
 UNION ALL
 SELECT format('bulk capture ratio      portal_sync / none             = %s   (bar <= 1.3: %s)',
               round((b.ps / b.none)::numeric, 3),
               CASE WHEN b.ps / b.none <= 1.3 THEN 'met' ELSE 'MISSED' END)
+FROM b
+UNION ALL
+SELECT format('bulk capture ratio      columns / none                 = %s   (bar <= 1.3: %s)',
+              round((b.cols / b.none)::numeric, 3),
+              CASE WHEN b.cols / b.none <= 1.3 THEN 'met' ELSE 'MISSED' END)
 FROM b
 UNION ALL
 SELECT format('reference trigger ratio reference / none               = %s',
@@ -374,12 +402,17 @@ SELECT format('capture cost vs. reference (portal_sync - none) / (reference - no
               CASE WHEN (b.ps - b.none) <= (b.ref - b.none) / 3 THEN 'met' ELSE 'MISSED' END)
 FROM b
 UNION ALL
-SELECT format('pgbench, median of %s rounds: none %s tps, portal_sync %s tps',
-              o.n, round(o.none::numeric, 1), round(o.ps::numeric, 1))
+SELECT format('pgbench, median of %s rounds: none %s tps, portal_sync %s tps, columns %s tps',
+              o.n, round(o.none::numeric, 1), round(o.ps::numeric, 1), round(o.cols::numeric, 1))
 FROM o
 UNION ALL
 SELECT format('OLTP ratio              portal_sync tps / none tps     = %s   (bar >= 0.95: %s)',
               round((o.ps / o.none)::numeric, 3),
               CASE WHEN o.ps / o.none >= 0.95 THEN 'met' ELSE 'MISSED' END)
+FROM o
+UNION ALL
+SELECT format('OLTP ratio              columns tps / none tps         = %s   (bar >= 0.95: %s)',
+              round((o.cols / o.none)::numeric, 3),
+              CASE WHEN o.cols / o.none >= 0.95 THEN 'met' ELSE 'MISSED' END)
 FROM o;
 EOF

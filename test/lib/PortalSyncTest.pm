@@ -229,7 +229,8 @@ $fn$;
 -- Items of one source as the portal holds them ({key: data}) that differ
 -- from the row in the database: the key and the names of the differing
 -- columns (the data is read back with jsonb_populate_record, so any JSON
--- spelling of a value the column type accepts compares equal).
+-- spelling of a value the column type accepts compares equal).  For a
+-- source with a columns list, the data must hold exactly those columns.
 CREATE FUNCTION pstest.mismatched(src text, items jsonb)
 RETURNS TABLE(key text, problem text)
 LANGUAGE plpgsql AS $fn$
@@ -239,6 +240,32 @@ BEGIN
 	SELECT * INTO s FROM portal_sync.sources v WHERE v.name = src;
 	IF NOT FOUND THEN
 		RETURN QUERY SELECT i.key, 'unknown source'::text FROM jsonb_each(items) i;
+		RETURN;
+	END IF;
+	IF s.columns IS NOT NULL THEN
+		RETURN QUERY EXECUTE format($q$
+			SELECT i.key,
+				   CASE WHEN t.%2$I IS NULL THEN 'no such row'
+				   WHEN NOT (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(i.value) k)
+							= (SELECT array_agg(c::text ORDER BY c::text) FROM unnest($2) c)
+				   THEN 'columns sent are not the columns list: '
+						|| (SELECT string_agg(k, ',' ORDER BY k) FROM jsonb_object_keys(i.value) k)
+				   ELSE 'columns differ: ' || (
+					 SELECT string_agg(a.key, ',' ORDER BY a.key)
+					 FROM jsonb_each(to_jsonb(jsonb_populate_record(NULL::%1$s, i.value))) a
+					 JOIN jsonb_each(to_jsonb(t)) b USING (key)
+					 WHERE a.value IS DISTINCT FROM b.value AND a.key = ANY ($2::text[]))
+				   END
+			FROM jsonb_each($1) i
+			LEFT JOIN %1$s t ON portal_sync.value_text(t.%2$I) = i.key
+			WHERE t.%2$I IS NULL
+			   OR NOT (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(i.value) k)
+					  = (SELECT array_agg(c::text ORDER BY c::text) FROM unnest($2) c)
+			   OR EXISTS (SELECT 1
+						  FROM jsonb_each(to_jsonb(jsonb_populate_record(NULL::%1$s, i.value))) a
+						  JOIN jsonb_each(to_jsonb(t)) b USING (key)
+						  WHERE a.value IS DISTINCT FROM b.value AND a.key = ANY ($2::text[]))$q$,
+			s.source, s.key_col) USING items, s.columns;
 		RETURN;
 	END IF;
 	RETURN QUERY EXECUTE format($q$
