@@ -283,7 +283,7 @@ is(one(q{SELECT share_when FROM portal_sync.sources WHERE name = 'medication'}),
 one(q{CREATE ROLE tabowner LOGIN;
 	  CREATE SCHEMA own AUTHORIZATION tabowner;
 	  GRANT USAGE ON SCHEMA portal_sync TO tabowner;
-	  GRANT EXECUTE ON FUNCTION portal_sync.attach(regclass, text, name, name, name, name, text, text, text) TO tabowner;});
+	  GRANT EXECUTE ON FUNCTION portal_sync.attach(regclass, text, name, name, name, name, text, text, text, name[]) TO tabowner;});
 my @probe;
 for my $guess ([ 'right', substr($token, 0, 5) ], [ 'wrong', 'zzzzz' ])
 {

@@ -66,7 +66,7 @@ $portal->modes({ mode => 'reject_event', match => { 'data.allergen' => $markers[
 	{ mode => 'rejected_list', match => { 'data.description' => $markers[5] }, reason => 'bad code' },
 	{ mode => 'require_token', token => $token });
 one(qq{UPDATE ehr.allergy SET reaction = 'worse' WHERE allergen = '$markers[4]';
-	   UPDATE ehr.problem SET status = 'active' WHERE description = '$markers[5]';});
+	   UPDATE ehr.problem SET status = 'inactive' WHERE description = '$markers[5]';});
 ok(ps_wait_drained($node, $db, 60), 'drained with dead letters');
 ok(ps_status($node, $db)->{dead_letters} >= 2, 'dead letters made');
 $portal->modes({ mode => 'require_token', token => $token });
