@@ -8,6 +8,8 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
+#include "storage/ipc.h"
+#include "storage/pmsignal.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -273,6 +275,21 @@ errcode(int sqlerrcode)
 
 volatile sig_atomic_t ProcDiePending = false;
 volatile sig_atomic_t QueryCancelPending = false;
+
+/* http.c stops its requests when the postmaster dies: it never does here. */
+volatile sig_atomic_t postmaster_possibly_dead = false;
+
+bool
+PostmasterIsAliveInternal(void)
+{
+	return true;
+}
+
+void
+proc_exit(int code)
+{
+	exit(code);
+}
 
 /* A fixed "now" keeps the Retry-After target deterministic. */
 TimestampTz
