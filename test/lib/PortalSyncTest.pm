@@ -1302,8 +1302,9 @@ sub down
 {
 	my ($self) = @_;
 	$self->{h}->signal('USR1');
-	# Wait until connections are refused.
-	my $deadline = time() + 10;
+	# Wait until connections are refused (a sanitized server's load slows
+	# the portal too: 30 s).
+	my $deadline = time() + 30;
 	while (time() < $deadline)
 	{
 		my $res = $self->_request('GET', $self->url . '/_control/health', {});
@@ -1317,7 +1318,7 @@ sub up
 {
 	my ($self) = @_;
 	$self->{h}->signal('USR2');
-	my $deadline = time() + 10;
+	my $deadline = time() + 30;
 	while (time() < $deadline)
 	{
 		my $res = $self->_request('GET', $self->url . '/_control/health', {});

@@ -748,6 +748,10 @@ class App:
 
     def make_server(self):
         ThreadingHTTPServer.allow_reuse_address = True
+        # a worker may open max_inflight connections at once, and the
+        # tests' own control requests come beside them: a listen backlog
+        # of socketserver's default 5 drops connections under load
+        ThreadingHTTPServer.request_queue_size = 128
         srv = ThreadingHTTPServer((self.args.host, self.port), Handler)
         srv.daemon_threads = True
         srv.portal = self.portal
@@ -792,9 +796,12 @@ class App:
                 try:
                     srv = self.make_server()
                     break
-                except OSError:
+                except OSError as e:
                     if first:
                         raise
+                    if attempt % 10 == 0:
+                        print('cannot listen again on port %d yet: %s' % (self.port, e),
+                              file=sys.stderr, flush=True)
                     time.sleep(0.1)
             else:
                 raise SystemExit('cannot listen again on port %d' % self.port)
