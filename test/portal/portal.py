@@ -484,6 +484,15 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.app_conns_lock:
             self.server.app_conns.add(self.connection)
 
+    def handle_one_request(self):
+        # A connection accepted just before the portal went down (its
+        # thread registered it after go_down() closed the others) must not
+        # go on serving a keep-alive client while the portal is down.
+        if self.server.app.server is not self.server:
+            self.close_connection = True
+            return
+        super().handle_one_request()
+
     def finish(self):
         try:
             super().finish()
@@ -754,6 +763,8 @@ class App:
         ThreadingHTTPServer.request_queue_size = 128
         srv = ThreadingHTTPServer((self.args.host, self.port), Handler)
         srv.daemon_threads = True
+        # going down must not wait for handler threads (a held request)
+        srv.block_on_close = False
         srv.portal = self.portal
         srv.app = self
         srv.app_conns = set()
