@@ -94,6 +94,26 @@ CREATE TABLE portal_sync.source (
  * WAL-logged: nothing captured is lost on a crash.
  */
 CREATE SEQUENCE portal_sync.outbox_seq;
+
+/*
+ * seq never goes backwards for a practice, also across DROP EXTENSION and
+ * CREATE EXTENSION: an installation starts its seqs at the microseconds
+ * since 2000-01-01 at its creation, above every seq an earlier
+ * installation of the database handed out unless that one averaged more
+ * than a million events a second over its whole life.  Seqs stay below
+ * 2^53, exact in every JSON parser, until the year 2285.  adopt() moves a
+ * copy's seqs up to its clock the same way, since the original may have
+ * gone on sending after the dump.
+ */
+CREATE FUNCTION portal_sync.advance_seq_to_clock() RETURNS bigint
+LANGUAGE sql VOLATILE SET search_path = pg_catalog AS
+$$
+	SELECT pg_catalog.setval('portal_sync.outbox_seq',
+		GREATEST(s.last_value,
+				 ((EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) - 946684800) * 1000000)::bigint))
+	FROM portal_sync.outbox_seq s
+$$;
+SELECT portal_sync.advance_seq_to_clock();
 CREATE TABLE portal_sync.outbox (
 	seq bigint PRIMARY KEY,
 	patient_id text COLLATE "C" NOT NULL,
