@@ -474,6 +474,18 @@ JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_a
 LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum
 LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum;
 
+/* detach(..., retract): deletes of what the portal may hold, then forget */
+DROP FUNCTION portal_sync.detach(regclass);
+CREATE FUNCTION portal_sync.detach(source regclass, retract boolean DEFAULT false) RETURNS void
+	AS 'MODULE_PATHNAME', 'portal_sync_detach' LANGUAGE C STRICT;
+CREATE TABLE portal_sync.retraction (
+	source_id int PRIMARY KEY,
+	name text NOT NULL,
+	kind text NOT NULL,
+	requested_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.retraction', '');
+
 /*
  * seq never goes backwards for a practice, also across DROP EXTENSION and
  * CREATE EXTENSION (see portal_sync--1.1.sql): an updated installation

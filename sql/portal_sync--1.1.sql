@@ -228,7 +228,23 @@ CREATE TABLE portal_sync.skipped_row (
 	row_count bigint NOT NULL
 );
 
+/*
+ * retraction: tables detached with retract => true whose deletes are still
+ * being delivered.  detach() queues, in the outbox under the table's old
+ * source_id, a delete of every row of it the portal may hold; the worker
+ * sends every outbox entry of a retracted source as deletes, and forgets
+ * the retraction once none is left.  Name and kind are all it needs: the
+ * table itself may be gone by then.
+ */
+CREATE TABLE portal_sync.retraction (
+	source_id int PRIMARY KEY,
+	name text NOT NULL,
+	kind text NOT NULL,
+	requested_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.settings', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.retraction', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
@@ -253,7 +269,7 @@ CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'portal_sync_attach' LANGUAGE C CALLED ON NULL INPUT;
 
-CREATE FUNCTION portal_sync.detach(source regclass) RETURNS void
+CREATE FUNCTION portal_sync.detach(source regclass, retract boolean DEFAULT false) RETURNS void
 	AS 'MODULE_PATHNAME', 'portal_sync_detach' LANGUAGE C STRICT;
 
 CREATE FUNCTION portal_sync.enroll(patient_id text) RETURNS boolean

@@ -131,6 +131,10 @@ extern char *value_text(Datum value, Oid base_type, FmgrInfo *output);
 extern const char *database_identity(void);
 extern void outbox_note_settings_changed(void);
 
+/* detach(..., retract => true) (retraction.c) */
+extern void queue_retraction(Relation rel, int32 source_id, const char *kind, const char *name,
+							 const char *patient_col, const char *key_col);
+
 /* Enrollment (enroll.c) */
 extern bool patient_is_enrolled(const char *patient_id);
 extern void enroll_patient(const char *patient_id, const char *enrolled_by);
