@@ -1490,6 +1490,8 @@ portal_sync_worker_main(Datum arg)
 	/* the first request finds out whether the portal works */
 	delivery.probing = true;
 	http_init();
+	/* the database's own endpoint, token file, CA and compression */
+	(void) database_settings_apply();
 	(void) load_token(&delivery);
 	step_context = AllocSetContextCreate(TopMemoryContext, "portal_sync step",
 										 ALLOCSET_DEFAULT_SIZES);
@@ -1524,6 +1526,14 @@ portal_sync_worker_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+
+			/*
+			 * Also sent by the commit of an ALTER DATABASE … SET: the
+			 * database's settings are read again.  A new portal is probed
+			 * like the first one.
+			 */
+			if (database_settings_apply())
+				delivery.probing = true;
 			if (!load_token(&delivery))
 			{
 				sleep_ms = SWEEP_INTERVAL_MS;
