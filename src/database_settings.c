@@ -12,7 +12,8 @@
  * The worker works this out itself, when it starts and at every SIGHUP,
  * between two steps of work (no request in flight, no transaction open):
  * the database's values come from pg_db_role_setting, the cluster's from
- * pg_file_settings, and the result is applied with the highest source, so
+ * the postmaster's command line or pg_file_settings, and the result is
+ * applied with the highest source, so
  * that a RESET at database level falls back to the cluster's value.  The
  * GUC machinery alone cannot do this: a value applied at connection from
  * pg_db_role_setting also becomes the reset value, and shadows every later
@@ -46,6 +47,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/guc_tables.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
@@ -69,6 +71,13 @@ static const DatabaseSetting database_settings[] = {
 #define NUM_DATABASE_SETTINGS lengthof(database_settings)
 
 #define AUTH_TOKEN_SETTING "portal_sync.auth_token"
+
+/*
+ * Values the postmaster was given on its command line (-c), which win over
+ * the configuration files and cannot change until it restarts; NULL where
+ * none was given.  Known to the worker only (database_settings_inherit).
+ */
+static char *command_line_values[NUM_DATABASE_SETTINGS];
 
 /* Databases whose settings this transaction changed: their workers re-read. */
 static List *changed_databases = NIL;
@@ -240,8 +249,31 @@ collect_setconfig(Datum setconfig, char **values)
 }
 
 /*
+ * Remember which per-database settings the postmaster was given on its
+ * command line.  Called by the worker before it connects to its database:
+ * until then its settings are the postmaster's, with their sources.
+ */
+void
+database_settings_inherit(void)
+{
+	struct config_generic **variables = get_guc_variables();
+	int			count = GetNumConfigOptions();
+
+	for (int v = 0; v < count; v++)
+	{
+		int			index = database_setting_index(variables[v]->name);
+
+		if (index >= 0 && variables[v]->source == PGC_S_ARGV)
+			command_line_values[index] =
+				MemoryContextStrdup(TopMemoryContext,
+									GetConfigOption(variables[v]->name, false, false));
+	}
+}
+
+/*
  * Work out the per-database settings of this worker's database and apply
- * them: the database's value, else the cluster's, else the default.
+ * them: the database's value, else the postmaster's command line's, else
+ * the configuration files', else the default.
  * Called by the worker when it starts and after each configuration reload,
  * with no transaction open.  Returns whether any value changed.
  */
@@ -309,6 +341,7 @@ database_settings_apply(void)
 	{
 		const char *name = database_settings[i].name;
 		const char *value = database[i] ? database[i]
+			: command_line_values[i] ? command_line_values[i]
 			: cluster[i] ? cluster[i] : database_settings[i].boot_value;
 		char	   *before = pstrdup(GetConfigOption(name, false, false));
 
