@@ -13,7 +13,8 @@
 # database is "unconfigured" there only.  auth_token cannot be stored in
 # pg_db_role_setting (SQLSTATE 55P02, hint to auth_token_file), the
 # per-database settings cannot be set for a role, a non-superuser cannot
-# set them, and no token reaches the server log.
+# set them, and no token reaches the server log.  Last, ca_file: one
+# database trusts an HTTPS portal through a CA of its own.
 
 use strict;
 use warnings;
@@ -326,6 +327,40 @@ ok(@since && !grep({ ($_->{encoding} // '') ne 'gzip' || $_->{status} ne '200' }
 $writer{clinic_b}->query_safe(q{UPDATE ehr.medication SET dose = 'last' WHERE patient_id = 4});
 ps_check_settled($node, 'clinic_b', $portal{b}, 'at the end');
 is(ps_worker_pid($node, 'clinic_a'), $pid_a, 'at the end: clinic_a\'s worker was never restarted');
+
+# ---------------------------------------------------------------- ca_file
+# clinic_b moves to an HTTPS portal whose CA only its own ca_file names
+sub run_quiet
+{
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@_, '>', \$out, '2>', \$err) or BAIL_OUT("@_ failed: $err");
+}
+run_quiet('openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', "$dir/ca.key",
+	'-out', "$dir/ca.crt", '-days', '2', '-subj', '/CN=portal_sync test CA');
+run_quiet('openssl', 'req', '-newkey', 'rsa:2048', '-nodes', '-keyout', "$dir/tls.key",
+	'-out', "$dir/tls.csr", '-subj', '/CN=127.0.0.1');
+PostgreSQL::Test::Utils::append_to_file("$dir/tls.ext", "subjectAltName=IP:127.0.0.1\n");
+run_quiet('openssl', 'x509', '-req', '-in', "$dir/tls.csr", '-CA', "$dir/ca.crt", '-CAkey',
+	"$dir/ca.key", '-CAcreateserial', '-out', "$dir/tls.crt", '-days', '2', '-extfile', "$dir/tls.ext");
+$portal{d} = PortalSyncTest::Portal->start(tls_cert => "$dir/tls.crt", tls_key => "$dir/tls.key");
+$portal{d}->modes({ mode => 'require_token', token => $token{b} });
+sql('postgres', "ALTER DATABASE clinic_b SET portal_sync.endpoint = '" . $portal{d}->url . "/events'");
+$writer{clinic_b}->query_safe(q{UPDATE ehr.medication SET dose = 'over TLS' WHERE patient_id = 6});
+ok(ps_wait_until(sub { ps_status($node, 'clinic_b')->{consecutive_failures} >= 1 }, 'TLS failure', 60),
+	'ca_file: without it, the HTTPS portal is not trusted');
+like(ps_status($node, 'clinic_b')->{last_error} // '', qr/certificate|SSL|TLS|verif/i,
+	'ca_file: last_error names the TLS failure');
+is(scalar @{ $portal{d}->requests }, 0, 'ca_file: nothing delivered to an unverified peer');
+sql('postgres', "ALTER DATABASE clinic_b SET portal_sync.ca_file = '$dir/ca.crt'");
+ok(ps_wait_drained($node, 'clinic_b'), 'ca_file: the database\'s own CA: drained');
+ok(ps_wait_until(sub {
+			my $meds = ps_portal_items($portal{d}, 'clinic_b')->{6}{medication} || {};
+			grep { $_->{dose} eq 'over TLS' } values %$meds;
+		}, 'over TLS', 30),
+	'ca_file: the change is on the HTTPS portal');
+is(scalar(grep { $_->{practice_id} ne 'clinic_b' || $_->{status} ne '200' } @{ $portal{d}->requests }), 0,
+	'ca_file: the HTTPS portal received clinic_b only, all accepted');
+is(ps_worker_pid($node, 'clinic_a'), $pid_a, 'ca_file: clinic_a\'s worker untouched');
 
 $writer{$_}->quit for keys %writer;
 $node->stop;
