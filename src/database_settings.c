@@ -185,7 +185,8 @@ database_settings_check_utility(Node *statement)
 /*
  * At the end of a transaction that ran ALTER DATABASE … SET / RESET: at
  * commit, have the workers of those databases re-read their settings now
- * (SIGHUP: they do it between two steps of work).
+ * (SIGHUP: they do it between two steps of work).  A prepared transaction
+ * wakes nobody: after its COMMIT PREPARED, pg_reload_conf() applies it.
  */
 static void
 database_settings_xact_callback(XactEvent event, void *arg)
@@ -193,7 +194,8 @@ database_settings_xact_callback(XactEvent event, void *arg)
 	ListCell   *lc;
 
 	if (changed_databases == NIL ||
-		(event != XACT_EVENT_COMMIT && event != XACT_EVENT_ABORT))
+		(event != XACT_EVENT_COMMIT && event != XACT_EVENT_ABORT &&
+		 event != XACT_EVENT_PREPARE))
 		return;
 	if (event == XACT_EVENT_COMMIT)
 	{
