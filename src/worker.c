@@ -1065,8 +1065,9 @@ retry_batch_later(DeliveryState *delivery, Lane *lane, TimestampTz sent_at,
 
 /*
  * The portal answered 415 to a compressed body: it gets plain JSON from
- * now on, until the next reload, and the DBA can see why.  The batch is
- * sent again at once, with the same batch_id: its JSON is the same.
+ * now on, until the next reload (or change of the database's settings),
+ * and the DBA can see why.  The batch is sent again at once, with the same
+ * batch_id: its JSON is the same.
  */
 static void
 stop_compressing(DeliveryState *delivery)
@@ -1075,7 +1076,8 @@ stop_compressing(DeliveryState *delivery)
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	strlcpy(my_slot->last_error,
 			"the portal answered HTTP 415 to a gzip-compressed body: sending uncompressed bodies"
-			" until the next configuration reload (set portal_sync.compression = off to keep it so)",
+			" until the next configuration reload or ALTER DATABASE ... SET"
+			" (set portal_sync.compression = off to keep it so)",
 			WORKER_ERROR_LEN);
 	my_slot->last_error_at = GetCurrentTimestamp();
 	LWLockRelease(portal_sync_shared->lock);
