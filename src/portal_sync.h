@@ -35,6 +35,11 @@ extern int	portal_sync_compression;
 extern int	portal_sync_batch_size;
 extern int	portal_sync_max_inflight;
 
+/* Per-database settings (database_settings.c) */
+extern void database_settings_check_utility(Node *statement);
+extern void database_settings_inherit(void);
+extern bool database_settings_apply(void);
+
 /* The most portal_sync.max_inflight allows. */
 #define MAX_INFLIGHT_LIMIT	64
 
