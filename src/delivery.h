@@ -81,9 +81,6 @@ typedef struct DeliveryEvent
 	bool		items_follow;	/* snapshot end: some of its items are sent after it */
 	int64		follows_snapshot;	/* an item sent after that snapshot's end */
 	int64		ends_enrollment;	/* purge: seq of the unenroll() request it serves, or 0 */
-	int			reuse_group;	/* 1 + index of the failed batch it is sent again
-								 * from, keeping its seq; 0: none */
-	int64		reused_seq;		/* ... that seq */
 	char	   *json;			/* the serialized event, without its data */
 	size_t		json_len;		/* length on the wire, data included */
 	const char *data_json;		/* the row as to_json() wrote it, or NULL */
@@ -105,28 +102,9 @@ typedef struct DeliveryUnit
 	bool		wrapped;		/* read to the end of the outbox */
 	int64		next_cursor;	/* where the next unit reads from */
 	bool		from_start;		/* read from the beginning of the outbox */
-	int			nreused;		/* failed batches sent again as they were */
-	int		   *reused_counts;	/* ... the events of each (0: not again) */
 	bool		snapshot_accepted;	/* a snapshot_end was accepted */
 	bool		has_retractions;	/* some source is being retracted */
 } DeliveryUnit;
-
-/*
- * What a batch sent that was not accepted (the portal may yet apply it):
- * if the unit built for the retry holds exactly the same events as the
- * first events of their patients, they keep their seqs and go in one
- * batch again, so that the portal gets the very same body (and so the
- * same batch_id), and a late copy of the old request can never put a
- * patient's seqs out of order.
- */
-typedef struct FailedBatch
-{
-	int			count;
-	char		practice_id[NAMEDATALEN * 2];
-	char	  **patient_ids;
-	char	  **event_ids;
-	int64	   *seqs;
-} FailedBatch;
 
 /* The practice's settings, read at every unit. */
 typedef struct SharingSettings
@@ -191,6 +169,8 @@ typedef struct HttpResult
 	int64		retry_after_ms; /* -1: none */
 	HttpAnswerBody body;
 	char		transport_error[256];
+	bool		request_sent;	/* some of the request went out: without an
+								 * answer, the portal may have it */
 } HttpResult;
 
 extern void http_init(void);
@@ -204,7 +184,7 @@ extern bool host_is_loopback(const char *host);
 extern void read_sharing_settings(SharingSettings *settings);
 extern DeliveryUnit *build_delivery_unit(SharingSettings *settings, int max_events,
 										 size_t max_bytes, MemoryContext context,
-										 List *failed, int max_failed, HTAB *accepted);
+										 HTAB *accepted);
 extern void unit_finished(DeliveryUnit *unit);
 extern char *moved_item_id(const DeliveryEvent *event, int64 snapshot_seq);
 
@@ -216,8 +196,7 @@ extern void batch_identity(const char *practice_id, List *events, int first, int
 						   char *batch_id);
 
 /* lanes.c */
-extern int	split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts,
-								  int *first_batches);
+extern int	split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts);
 
 /* snapshot_wait.c */
 extern void snapshot_waits_refresh(void);

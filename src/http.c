@@ -395,8 +395,16 @@ finish_transfer(CURL *curl, CURLcode code, HttpResult *result)
 			result->retry_after_ms = (int64) Min(retry_after, (curl_off_t) 366 * 86400) * 1000;
 	}
 	else
+	{
+		long		request_size = 0;
+
 		strlcpy(result->transport_error, curl_easy_strerror(code),
 				sizeof(result->transport_error));
+		/* refused, unresolved, no TLS: nothing of it reached the portal */
+		if (curl_easy_getinfo(curl, CURLINFO_REQUEST_SIZE, &request_size) != CURLE_OK ||
+			request_size > 0)
+			result->request_sent = true;
+	}
 }
 
 /*
@@ -424,6 +432,7 @@ http_post_all(const HttpRequest *requests, HttpResult *results, int n)
 		memset(&result->body, 0, sizeof(result->body));
 		result->status = 0;
 		result->retry_after_ms = -1;
+		result->request_sent = false;
 		strlcpy(result->transport_error, "libcurl did not complete the request",
 				sizeof(result->transport_error));
 		streams[i] = palloc(sizeof(BodyStream));

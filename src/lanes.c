@@ -11,8 +11,7 @@
  * lane the events keep the unit's order, which is every patient's seq
  * order.  Each patient goes to the lane with the fewest events so far, in
  * the order the patients first appear, so that the lanes' first batches
- * are about equally full and go out together.  A failed batch that is sent
- * again as it was (the same events and seqs) opens a lane of its own.
+ * are about equally full and go out together.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -33,16 +32,11 @@ typedef struct PatientLane
 
 /*
  * Reorder unit->events so that lane l is events [starts[l], starts[l+1]),
- * for at most max_lanes lanes; returns how many lanes hold events.  The
- * events of failed batch g sent again as they were (unit_builder.c)
- * open lane g, and first_batches[l] says how many they are: that batch
- * is cut again exactly.  They are the first events of their patients, so
- * moving them to the front of the lane keeps every patient's order.
- * starts needs room for max_lanes + 1 entries, first_batches for
- * max_lanes.
+ * for at most max_lanes lanes; returns how many lanes hold events.
+ * starts needs room for max_lanes + 1 entries.
  */
 int
-split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts, int *first_batches)
+split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts)
 {
 	int			nevents = list_length(unit->events);
 	HTAB	   *patients;
@@ -51,13 +45,11 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts, int *first
 	int			npatients = 0;
 	int		   *load;
 	List	  **lanes;
-	List	  **firsts;
 	List	   *events = NIL;
 	int			nlanes = 0;
 	int			i;
 	MemoryContext oldcontext;
 
-	Assert(unit->nreused <= max_lanes);
 	if (nevents == 0)
 	{
 		starts[0] = 0;
@@ -81,21 +73,13 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts, int *first
 			order[npatients++] = patient;
 		}
 		patient->events++;
-		if (event->reuse_group > 0)
-			patient->lane = event->reuse_group - 1;
 		event_lane[i] = patient;
 	}
 
-	/* the patients of a failed batch sent again, in its lane; then the rest */
-	for (i = 0; i < npatients; i++)
-		if (order[i]->lane >= 0)
-			load[order[i]->lane] += order[i]->events;
 	for (i = 0; i < npatients; i++)
 	{
 		int			lightest = 0;
 
-		if (order[i]->lane >= 0)
-			continue;
 		for (int l = 1; l < max_lanes; l++)
 			if (load[l] < load[lightest])
 				lightest = l;
@@ -105,27 +89,15 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts, int *first
 
 	oldcontext = MemoryContextSwitchTo(unit->context);
 	lanes = palloc0(max_lanes * sizeof(List *));
-	firsts = palloc0(max_lanes * sizeof(List *));
 	for (i = 0; i < nevents; i++)
-	{
-		DeliveryEvent *event = list_nth(unit->events, i);
-		int			l = event_lane[i]->lane;
-
-		if (event->reuse_group > 0)
-			firsts[l] = lappend(firsts[l], event);
-		else
-			lanes[l] = lappend(lanes[l], event);
-	}
+		lanes[event_lane[i]->lane] = lappend(lanes[event_lane[i]->lane],
+											 list_nth(unit->events, i));
 	for (int l = 0; l < max_lanes; l++)
 	{
-		if (firsts[l] == NIL && lanes[l] == NIL)
+		if (lanes[l] == NIL)
 			continue;
-		Assert(list_length(firsts[l]) == (l < unit->nreused ? unit->reused_counts[l] : 0));
-		first_batches[nlanes] = list_length(firsts[l]);
 		starts[nlanes++] = list_length(events);
-		events = list_concat(events, firsts[l]);
 		events = list_concat(events, lanes[l]);
-		list_free(firsts[l]);
 		list_free(lanes[l]);
 	}
 	starts[nlanes] = list_length(events);
@@ -133,7 +105,6 @@ split_unit_into_lanes(DeliveryUnit *unit, int max_lanes, int *starts, int *first
 	list_free(unit->events);
 	unit->events = events;
 	pfree(lanes);
-	pfree(firsts);
 	MemoryContextSwitchTo(oldcontext);
 
 	hash_destroy(patients);

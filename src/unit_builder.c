@@ -64,13 +64,6 @@
 #include "worker_sources.h"
 #include "string_map.h"
 
-/* Which failed batch a patient's events were in. */
-typedef struct PatientGroup
-{
-	const char *patient_id;		/* hash key */
-	int			group;
-} PatientGroup;
-
 /* What the unit knows of one patient. */
 typedef struct PatientState
 {
@@ -1549,122 +1542,13 @@ snapshot_item_identity(const char *install_id, DeliveryEvent *event, int64 snaps
 }
 
 /*
- * Which failed batches the unit sends again as they were.  Failed batch g
- * (at most max_failed of them) is sent again when, among the events of its
- * patients, the unit's first ones are exactly its events, in order, and
- * the event after them does not continue a snapshot they cut (its seq
- * would change).  A marker's id follows from its seq, which it would
- * keep: it is compared by the id it would have then.  Those events are
- * marked with the group and the seq they keep.  The failed batches'
- * patients are disjoint: they were in flight together, or waited to be.
- */
-static void
-keep_seqs_of_failed_batches(UnitBuilder *builder, List *failed, int max_failed)
-{
-	DeliveryUnit *unit = builder->unit;
-	const char *install_id = builder->settings->install_id;
-	int			nevents = list_length(unit->events);
-	int			ngroups = Min(list_length(failed), max_failed);
-	HTAB	   *patient_group;
-	int		   *matched;
-	bool	   *spoilt;
-	int			g;
-
-	unit->nreused = ngroups;
-	unit->reused_counts = palloc0(Max(ngroups, 1) * sizeof(int));
-	if (ngroups == 0)
-		return;
-
-	patient_group = string_map_create("portal_sync failed batches", sizeof(PatientGroup),
-									  CurrentMemoryContext);
-	matched = palloc0(ngroups * sizeof(int));
-	spoilt = palloc0(ngroups * sizeof(bool));
-	for (g = 0; g < ngroups; g++)
-	{
-		FailedBatch *batch = list_nth(failed, g);
-
-		spoilt[g] = strcmp(batch->practice_id, builder->settings->practice_id) != 0;
-		for (int j = 0; j < batch->count; j++)
-		{
-			bool		found;
-			PatientGroup *entry = string_map_enter(patient_group, batch->patient_ids[j], &found);
-
-			entry->group = g;
-		}
-	}
-
-	for (int i = 0; i < nevents; i++)
-	{
-		DeliveryEvent *event = list_nth(unit->events, i);
-		PatientGroup *entry = string_map_find(patient_group, event->patient_id);
-		FailedBatch *batch;
-		const char *id = event->event_id;
-
-		if (entry == NULL || spoilt[entry->group])
-			continue;
-		g = entry->group;
-		batch = list_nth(failed, g);
-		if (matched[g] == batch->count)
-		{
-			/* the first event after them: not one more of a snapshot they cut */
-			if (event->shares_seq)
-				spoilt[g] = true;
-			matched[g]++;
-			continue;
-		}
-		if (matched[g] > batch->count)
-			continue;
-		if (id == NULL && event->source_name != NULL)
-			id = snapshot_item_identity(install_id, event, batch->seqs[matched[g]]);
-		else if (id == NULL)
-		{
-			char		digest[32];
-
-			snprintf(digest, sizeof(digest), "seq " INT64_FORMAT, batch->seqs[matched[g]]);
-			id = event_identity(install_id, event, NULL, digest);
-		}
-		if (strcmp(id, batch->event_ids[matched[g]]) != 0)
-			spoilt[g] = true;
-		else
-		{
-			event->reuse_group = g + 1;
-			event->reused_seq = batch->seqs[matched[g]];
-			matched[g]++;
-		}
-	}
-
-	for (g = 0; g < ngroups; g++)
-	{
-		FailedBatch *batch = list_nth(failed, g);
-
-		if (!spoilt[g] && matched[g] >= batch->count)
-			unit->reused_counts[g] = batch->count;
-	}
-	/* the events of a group that is not sent again take new seqs */
-	for (int i = 0; i < nevents; i++)
-	{
-		DeliveryEvent *event = list_nth(unit->events, i);
-
-		if (event->reuse_group > 0 && unit->reused_counts[event->reuse_group - 1] == 0)
-		{
-			event->reuse_group = 0;
-			event->reused_seq = 0;
-		}
-	}
-	hash_destroy(patient_group);
-	pfree(matched);
-	pfree(spoilt);
-}
-
-/*
  * Give every event its id, its seq and its JSON.  Seqs are taken from the
  * outbox sequence in sending order (a snapshot's items and end share the
- * begin's); the events of a failed batch sent again as it was keep their
- * seqs, so that the body is the same.  The sequence is WAL-logged; the
- * worker flushes it before sending.
+ * begin's).  The sequence is WAL-logged; the worker flushes it before
+ * sending.
  */
 static void
-finish_events(UnitBuilder *builder, List *failed, int max_failed, HTAB *accepted)
+finish_events(UnitBuilder *builder, HTAB *accepted)
 {
 	DeliveryUnit *unit = builder->unit;
 	const char *install_id = builder->settings->install_id;
@@ -1691,15 +1575,12 @@ finish_events(UnitBuilder *builder, List *failed, int max_failed, HTAB *accepted
 	drop_accepted_snapshot_events(builder, accepted);
 	move_unsent_items_of_resumed_snapshots(unit, accepted, install_id);
 	nevents = list_length(unit->events);
-	keep_seqs_of_failed_batches(builder, failed, max_failed);
 
 	for (i = 0; i < nevents; i++)
 	{
 		DeliveryEvent *event = list_nth(unit->events, i);
 
-		if (event->reuse_group > 0)
-			seq = event->reused_seq;
-		else if (event->preset_seq > 0)
+		if (event->preset_seq > 0)
 			seq = event->preset_seq;
 		else if (!event->shares_seq || seq == 0)
 			seq = nextval_internal(seq_relid, false);
@@ -1753,7 +1634,7 @@ first_deferred_entry(UnitBuilder *builder, int cut)
  */
 DeliveryUnit *
 build_delivery_unit(SharingSettings *settings, int max_events, size_t max_bytes,
-					MemoryContext context, List *failed, int max_failed, HTAB *accepted)
+					MemoryContext context, HTAB *accepted)
 {
 	MemoryContext oldcontext = MemoryContextSwitchTo(context);
 	DeliveryUnit *unit = palloc0(sizeof(DeliveryUnit));
@@ -1798,7 +1679,7 @@ build_delivery_unit(SharingSettings *settings, int max_events, size_t max_bytes,
 		}
 		serve_entry(&builder, i);
 	}
-	finish_events(&builder, failed, max_failed, accepted);
+	finish_events(&builder, accepted);
 	rule_errors_record();
 
 	MemoryContextSwitchTo(oldcontext);

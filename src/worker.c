@@ -107,9 +107,8 @@ typedef struct Lane
 	int			cursor;			/* next event to put in a batch */
 	List	   *split_stack;	/* of Batch *: halves still to send */
 	Batch	   *batch;			/* being sent (or sent again) */
-	int			first_batch;	/* events of a failed batch sent again as it was */
-	bool		first_batch_sent;	/* ... in a round of this unit */
 	bool		failed;			/* its batch failed in this round: retried */
+	bool		outcome_unknown;	/* ... and the portal may have applied it */
 } Lane;
 
 /*
@@ -133,10 +132,10 @@ typedef struct DeliveryState
 	Lane	   *lanes;			/* of the unit, in its context */
 	RoundFailure failure;		/* of the round being answered */
 	bool		probing;		/* one request at a time, until one is accepted */
+	bool		unit_cut;		/* a round of the unit failed: only its
+								 * unaccepted batches go again, then the unit
+								 * is built afresh */
 	TimestampTz next_attempt_at;
-	List	   *failed;			/* of FailedBatch *: batches to send again as they
-								 * were, if they can be */
-	MemoryContext failed_context;	/* holds them */
 	int			held_rounds;	/* units in a row that found everything held */
 	MemoryContext accepted_context; /* holds accepted_snapshot_events */
 	HTAB	   *accepted_snapshot_events;	/* of the unit's open snapshots */
@@ -373,83 +372,49 @@ forget_unit(DeliveryState *delivery)
 	delivery->unit = NULL;
 	delivery->lanes = NULL;
 	delivery->nlanes = 0;
+	delivery->unit_cut = false;
 }
 
 /*
- * Forget the batches kept for an unchanged retry.
+ * A round failed in a way that is retried.  A request whose answer was
+ * lost may still be applied by the portal, late, whenever: so every such
+ * batch goes again first, exactly as it was (the same body, and so the
+ * same batch_id: a late copy of it is then a duplicate of a batch the
+ * portal accepted, never older content behind newer), until the portal
+ * accepts it, and nothing else of the unit goes.  Then the unit is built
+ * again from the rows as they are.  A batch the portal refused with an
+ * answer, or that never reached it (connection refused), is not kept: the
+ * unit built again sends the rows as they are then, withholding what is
+ * no longer shareable.  Without a batch of unknown outcome, the unit is
+ * dropped at once.  The halves of a split batch that were not sent yet
+ * are dropped with the rest: the portal never saw them.
  */
 static void
-forget_failed_batches(DeliveryState *delivery)
+keep_batches_of_unknown_outcome(DeliveryState *delivery)
 {
-	if (delivery->failed_context != NULL)
-		MemoryContextDelete(delivery->failed_context);
-	delivery->failed_context = NULL;
-	delivery->failed = NIL;
-}
-
-/*
- * Remember what count events from first of the unit sent, in a batch that
- * was not accepted (or that waited to go again as it was).
- */
-static FailedBatch *
-failed_batch(DeliveryState *delivery, MemoryContext context, int first, int count)
-{
-	FailedBatch *failed = MemoryContextAllocZero(context, sizeof(FailedBatch));
-
-	failed->count = count;
-	strlcpy(failed->practice_id, delivery->settings.practice_id, sizeof(failed->practice_id));
-	failed->patient_ids = MemoryContextAlloc(context, Max(count, 1) * sizeof(char *));
-	failed->event_ids = MemoryContextAlloc(context, Max(count, 1) * sizeof(char *));
-	failed->seqs = MemoryContextAlloc(context, Max(count, 1) * sizeof(int64));
-	for (int i = 0; i < count; i++)
-	{
-		DeliveryEvent *event = list_nth(delivery->unit->events, first + i);
-
-		failed->patient_ids[i] = MemoryContextStrdup(context, event->patient_id);
-		failed->event_ids[i] = MemoryContextStrdup(context, event->event_id);
-		failed->seqs[i] = event->seq;
-	}
-	return failed;
-}
-
-/*
- * A round failed in a way that is retried: remember what every batch of
- * it that was not accepted sent, and the failed batches of the last
- * round that were waiting to go again (unsent while probing), so that if
- * the rebuilt unit holds the same events (same ids: same content) they
- * keep their seqs: the same bodies again, and so the same batch_ids
- * (batch_identity).  A request whose answer was lost may still be
- * applied late by the portal; with the same seqs, its copy can never put
- * a patient's events out of order.  The unit is rebuilt in any case: rows
- * may have changed, the rules too.
- */
-static void
-remember_failed_batches(DeliveryState *delivery)
-{
-	MemoryContext context = AllocSetContextCreate(TopMemoryContext,
-												  "portal_sync failed batches",
-												  ALLOCSET_SMALL_SIZES);
-	List	   *failed = NIL;
-	MemoryContext oldcontext;
+	bool		kept = false;
 
 	for (int l = 0; l < delivery->nlanes; l++)
 	{
 		Lane	   *lane = &delivery->lanes[l];
-		FailedBatch *batch = NULL;
 
-		if (lane->failed)
-			batch = failed_batch(delivery, context, lane->batch->first, lane->batch->count);
-		else if (lane->first_batch > 0 && !lane->first_batch_sent)
-			batch = failed_batch(delivery, context, lane->start, lane->first_batch);
-		if (batch == NULL)
-			continue;
-		oldcontext = MemoryContextSwitchTo(context);
-		failed = lappend(failed, batch);
-		MemoryContextSwitchTo(oldcontext);
+		lane->end = lane->cursor;
+		lane->split_stack = NIL;
+		if (lane->failed && (lane->outcome_unknown || delivery->unit_cut))
+		{
+			lane->outcome_unknown = true;
+			kept = true;
+		}
+		else if (lane->batch != NULL && lane->outcome_unknown)
+			kept = true;		/* not sent in this round (probing) */
+		else
+			lane->batch = NULL;
+		lane->failed = false;
 	}
-	forget_failed_batches(delivery);
-	delivery->failed_context = context;
-	delivery->failed = failed;
+	if (kept)
+		delivery->unit_cut = true;
+	else
+		forget_unit(delivery);
 }
 
 /*
@@ -601,18 +566,16 @@ settle_enrollment_requests(DeliveryState *delivery, bool woken)
 
 /*
  * Split the unit just built into lanes of whole patients, at most one per
- * request that may be in flight.  Each failed batch sent again as it was
- * opens a lane of its own, whole.
+ * request that may be in flight.
  */
 static void
 split_into_lanes(DeliveryState *delivery)
 {
 	DeliveryUnit *unit = delivery->unit;
 	int		   *starts = palloc((portal_sync_max_inflight + 1) * sizeof(int));
-	int		   *first_batches = palloc(portal_sync_max_inflight * sizeof(int));
 
 	delivery->nlanes = split_unit_into_lanes(unit, portal_sync_max_inflight,
-											 starts, first_batches);
+											 starts);
 	delivery->lanes = MemoryContextAllocZero(unit->context,
 											 Max(delivery->nlanes, 1) * sizeof(Lane));
 	for (int l = 0; l < delivery->nlanes; l++)
@@ -620,10 +583,8 @@ split_into_lanes(DeliveryState *delivery)
 		delivery->lanes[l].start = starts[l];
 		delivery->lanes[l].end = starts[l + 1];
 		delivery->lanes[l].cursor = starts[l];
-		delivery->lanes[l].first_batch = first_batches[l];
 	}
 	pfree(starts);
-	pfree(first_batches);
 }
 
 /*
@@ -673,13 +634,11 @@ start_next_unit(DeliveryState *delivery)
 	unit = build_delivery_unit(&delivery->settings,
 							   portal_sync_batch_size * portal_sync_max_inflight,
 							   (size_t) portal_sync_max_batch_bytes * 1024, context,
-							   delivery->failed, portal_sync_max_inflight,
 							   delivery->accepted_snapshot_events);
 	record_silent_consumption(unit);
 	/* the end of this transaction's last WAL record: the seqs taken */
 	seqs_logged_upto = XactLastRecEnd;
 	end_work();
-	forget_failed_batches(delivery);
 
 	/* settings strings live in the unit's context, which outlives the step */
 	MemoryContextSetParent(context, TopMemoryContext);
@@ -750,25 +709,15 @@ next_batch(DeliveryState *delivery, Lane *lane)
 			return NULL;
 		batch = MemoryContextAllocZero(unit->context, sizeof(Batch));
 		batch->first = lane->cursor;
-		if (lane->cursor == lane->start && lane->first_batch > 0)
+		while (lane->cursor < lane->end && batch->count < portal_sync_batch_size)
 		{
-			/* a failed batch again, the same events with the same seqs */
-			batch->count = lane->first_batch;
-			lane->cursor += lane->first_batch;
-			lane->first_batch_sent = true;
-		}
-		else
-		{
-			while (lane->cursor < lane->end && batch->count < portal_sync_batch_size)
-			{
-				DeliveryEvent *event = list_nth(unit->events, lane->cursor);
+			DeliveryEvent *event = list_nth(unit->events, lane->cursor);
 
-				if (batch->count > 0 && bytes + event->json_len + 1 > max_bytes)
-					break;
-				bytes += event->json_len + 1;
-				batch->count++;
-				lane->cursor++;
-			}
+			if (batch->count > 0 && bytes + event->json_len + 1 > max_bytes)
+				break;
+			bytes += event->json_len + 1;
+			batch->count++;
+			lane->cursor++;
 		}
 	}
 
@@ -1043,17 +992,28 @@ apply_rejected_list(DeliveryState *delivery, Batch *batch, HttpResult *result,
 
 /*
  * A batch was not accepted, and nothing of it is dead-lettered: record
- * the answer, and have the round end in a backoff, after which the unit
- * is built again for the retry (the rows may change meanwhile).
+ * the answer, and have the round end in a backoff, after which the batch
+ * goes again as it was if the portal may have it
+ * (keep_batches_of_unknown_outcome).
  */
 static void
-retry_batch_later(DeliveryState *delivery, Lane *lane, TimestampTz sent_at,
-				  int status, int64 retry_after_ms, const char *error, bool auth)
+retry_batch_later(DeliveryState *delivery, Lane *lane, const HttpResult *result,
+				  TimestampTz sent_at, const char *error, bool auth)
 {
 	RoundFailure *failure = &delivery->failure;
+	int			status = result->status;
+	int64		retry_after_ms = result->retry_after_ms;
 
 	record_answer(delivery, lane->batch, sent_at, status, false);
 	lane->failed = true;
+
+	/*
+	 * A portal that answered anything but 2xx did not take the batch; one
+	 * that did not answer after getting (some of) it, or whose 2xx answer
+	 * could not be read, may have applied it, and may still apply it.
+	 */
+	if ((status == 0 && result->request_sent) || (status >= 200 && status < 300))
+		lane->outcome_unknown = true;
 	if (!failure->failed)
 	{
 		failure->failed = true;
@@ -1128,24 +1088,24 @@ act_on_answer(DeliveryState *delivery, Lane *lane, const HttpRequest *request,
 		stop_compressing(delivery);
 	}
 	else if (status >= 200 && status < 300)
-		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, result, sent_at,
 						  psprintf("the portal answered HTTP %d with a body that %s: not accepted",
 								   status, result->body.incomplete
 								   ? "could not be read whole" : "is not a JSON object"),
 						  false);
 	else if (status == 401 || status == 403)
-		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, result, sent_at,
 						  psprintf("authentication failed: the portal answered HTTP %d", status),
 						  true);
 	else if ((status >= 300 && status < 400) || status == 404 || status == 405 ||
 			 status == 410 || status == 415)
-		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, result, sent_at,
 						  psprintf("the endpoint looks misconfigured: the portal answered HTTP %d%s; check portal_sync.endpoint",
 								   status, status < 400 ? " (redirects are not followed)" : ""),
 						  false);
 	else if (status == 0 || status == 408 || status == 425 || status == 429 ||
 			 status >= 500 || status < 200)
-		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, result, sent_at,
 						  status == 0
 						  ? psprintf("request failed: %s", result->transport_error)
 						  : psprintf("the portal answered HTTP %d", status),
@@ -1155,7 +1115,7 @@ act_on_answer(DeliveryState *delivery, Lane *lane, const HttpRequest *request,
 	{
 		/* the breaker: the portal refuses everything, not this event */
 		delivery->refusals_in_row = 0;
-		retry_batch_later(delivery, lane, sent_at, status, result->retry_after_ms,
+		retry_batch_later(delivery, lane, result, sent_at,
 						  psprintf("the portal refused %d events in a row, each alone, with HTTP %d: backing off before dead-lettering more",
 								   REFUSALS_BEFORE_BACKOFF, status),
 						  false);
@@ -1249,8 +1209,7 @@ send_round(DeliveryState *delivery, const char *endpoint)
 	{
 		back_off(delivery, delivery->failure.retry_after_ms, delivery->failure.error,
 				 delivery->failure.auth);
-		remember_failed_batches(delivery);
-		forget_unit(delivery);
+		keep_batches_of_unknown_outcome(delivery);
 	}
 	else if (any_accepted)
 	{
@@ -1258,6 +1217,31 @@ send_round(DeliveryState *delivery, const char *endpoint)
 		note_success();
 	}
 	return true;
+}
+
+/*
+ * Has delivery been paused (portal_sync.settings.enabled) while the batches
+ * of a failed round wait to go again?  They wait on, unsent, meanwhile.
+ */
+static bool
+delivery_paused(DeliveryState *delivery)
+{
+	bool		enabled = true;
+
+	begin_work("portal_sync: reading the settings");
+	exit_if_extension_dropped();
+	if (spi_query("SELECT enabled FROM portal_sync.settings", 0, NULL, NULL, NULL, true) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		enabled = isnull || DatumGetBool(value);
+	}
+	end_work();
+	if (!enabled)
+		report_problem(WORKER_DISABLED, "delivery is disabled in portal_sync.settings");
+	return !enabled;
 }
 
 /*
@@ -1311,8 +1295,20 @@ delivery_step(DeliveryState *delivery)
 		}
 	}
 
+	if (delivery->unit_cut && delivery_paused(delivery))
+		return SWEEP_INTERVAL_MS;
+
 	if (!send_round(delivery, portal_sync_endpoint))
 	{
+		if (delivery->unit_cut)
+		{
+			/*
+			 * The batches sent again were answered; the rest of the unit is
+			 * built again, and its snapshots may be open at the portal.
+			 */
+			forget_unit(delivery);
+			return 0;
+		}
 		/* every batch of the unit was answered */
 		unit_finished(delivery->unit);
 		forget_unit(delivery);
