@@ -203,6 +203,8 @@ worker_state_name(WorkerState state)
 			return "unconfigured";
 		case WORKER_NEEDS_ADOPTION:
 			return "needs_adoption";
+		case WORKER_WAITING_FOR_TURN:
+			return "waiting_for_worker";
 		case WORKER_NOT_RUNNING:
 			break;
 	}
@@ -318,6 +320,7 @@ exit_if_extension_dropped(void)
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->extension_missing = true;
 	LWLockRelease(portal_sync_shared->lock);
+	registry_extension_missing(MyDatabaseId, GetCurrentTransactionStartTimestamp());
 	if (IsTransactionState())
 		AbortCurrentTransaction();
 	proc_exit(0);
@@ -1393,6 +1396,26 @@ guarded_delivery_step(DeliveryState *delivery)
 }
 
 /*
+ * Between two steps (no request in flight, no transaction open): end this
+ * worker's turn if the launcher asks, because other databases wait for a
+ * worker (launcher.c).  A unit half sent is finished first.
+ */
+static void
+end_turn_if_asked(DeliveryState *delivery, uint64 wakes_seen)
+{
+	bool		asked;
+
+	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
+	asked = my_slot->yield_requested;
+	LWLockRelease(portal_sync_shared->lock);
+	if (!asked || delivery->unit != NULL)
+		return;
+	registry_end_turn(my_slot, my_slot->state != WORKER_IDLE,
+					  delivery->next_attempt_at, wakes_seen);
+	proc_exit(0);
+}
+
+/*
  * Main function of a delivery worker.
  */
 void
@@ -1472,6 +1495,7 @@ portal_sync_worker_main(Datum arg)
 	/* A database without the extension: say so and leave. */
 	begin_work("portal_sync: starting");
 	exit_if_extension_dropped();
+	registry_confirm(MyDatabaseId);
 	if (SPI_execute("SELECT COALESCE(pg_catalog.sum(events), 0)::int8"
 					" FROM portal_sync.delivery_log WHERE accepted_at IS NOT NULL",
 					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
@@ -1497,6 +1521,7 @@ portal_sync_worker_main(Datum arg)
 	for (;;)
 	{
 		int			events = 0;
+		uint64		wakes_seen;
 
 		if (sleep_ms > 0)
 			events = WaitLatch(MyLatch,
@@ -1535,9 +1560,11 @@ portal_sync_worker_main(Datum arg)
 			delivery.gzip_refused = false;
 		}
 
+		wakes_seen = pg_atomic_read_u64(&my_slot->wakes);
 		MemoryContextSwitchTo(step_context);
 		sleep_ms = guarded_delivery_step(&delivery);
 		MemoryContextSwitchTo(TopMemoryContext);
 		MemoryContextReset(step_context);
+		end_turn_if_asked(&delivery, wakes_seen);
 	}
 }
