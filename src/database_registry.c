@@ -264,9 +264,14 @@ registry_note_work_locked(Oid dboid, bool always)
 
 	if (entry == NULL || entry->knowledge != DATABASE_HAS_EXTENSION)
 		entry = registry_enter(dboid, DATABASE_HAS_EXTENSION);
-	if (entry != NULL)
+	if (entry == NULL)
+		return;
+	/* the launcher needs to hear of it once, not at every commit */
+	if (!entry->work_pending || always)
+	{
 		queue_for_turn(entry, always);
-	wake_launcher_locked();
+		wake_launcher_locked();
+	}
 }
 
 /*
@@ -429,13 +434,16 @@ registry_load(void)
 }
 
 /*
- * The launcher has read pg_database: entries of databases that no longer
- * exist go; before the registry is trusted, every database that accepts
- * connections and is not listed becomes a candidate, and from now on the
- * registry is trusted.
+ * The launcher has read pg_database, in a transaction that started at
+ * scanned_at: entries of databases that no longer exist go (not those
+ * registered since: a CREATE DATABASE that committed during the scan);
+ * before the registry is trusted, every database that accepts connections
+ * and is not listed becomes a candidate, and from now on the registry is
+ * trusted.
  */
 void
-registry_scan_done(const Oid *existing, int nexisting, const Oid *servable, int nservable)
+registry_scan_done(TimestampTz scanned_at, const Oid *existing, int nexisting,
+				   const Oid *servable, int nservable)
 {
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < MAX_REGISTERED_DATABASES; i++)
@@ -443,7 +451,7 @@ registry_scan_done(const Oid *existing, int nexisting, const Oid *servable, int 
 		RegisteredDatabase *entry = &database_registry->entries[i];
 		bool		exists = false;
 
-		if (entry->knowledge == DATABASE_FREE_ENTRY)
+		if (entry->knowledge == DATABASE_FREE_ENTRY || entry->registered_at >= scanned_at)
 			continue;
 		for (int j = 0; j < nexisting && !exists; j++)
 			exists = existing[j] == entry->dboid;

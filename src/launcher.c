@@ -148,12 +148,14 @@ scan_databases(void)
 	KnownDatabase *known;
 	int			nexisting = 0;
 	int			nservable = 0;
+	TimestampTz scanned_at;
 
 	hash_seq_init(&status, known_databases);
 	while ((known = hash_seq_search(&status)) != NULL)
 		known->seen = false;
 
 	StartTransactionCommand();
+	scanned_at = GetCurrentTimestamp();
 	(void) GetTransactionSnapshot();
 	pgstat_report_activity(STATE_RUNNING, "scanning databases");
 
@@ -191,7 +193,7 @@ scan_databases(void)
 	CommitTransactionCommand();
 	pgstat_report_activity(STATE_IDLE, NULL);
 
-	registry_scan_done(existing_oids, nexisting, servable_oids, nservable);
+	registry_scan_done(scanned_at, existing_oids, nexisting, servable_oids, nservable);
 }
 
 /*
@@ -436,8 +438,9 @@ publish_waiting(TurnCandidate *cands, int ncands, int waiting)
 	if (began && now - logged_at > (TimestampTz) TURNS_LOG_INTERVAL_MS * 1000)
 	{
 		ereport(LOG,
-				(errmsg("portal_sync: %d databases with pending events wait for a delivery worker; workers take turns",
-						waiting),
+				(errmsg_plural("portal_sync: %d database with pending events waits for a delivery worker; workers take turns",
+							   "portal_sync: %d databases with pending events wait for a delivery worker; workers take turns",
+							   waiting, waiting),
 				 errhint("Each database waits a few seconds at most. To give every database its own worker,"
 						 " raise portal_sync.max_workers and max_worker_processes.")));
 		logged_at = now;

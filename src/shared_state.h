@@ -153,7 +153,7 @@ extern void registry_extension_missing(Oid dboid, TimestampTz seen_at);
 extern void registry_end_turn(WorkerSlot *slot, bool has_work, TimestampTz next_attempt_at,
 							  uint64 wakes_seen);
 extern void registry_load(void);
-extern void registry_scan_done(const Oid *existing, int nexisting,
+extern void registry_scan_done(TimestampTz scanned_at, const Oid *existing, int nexisting,
 							  const Oid *servable, int nservable);
 extern void registry_save_if_dirty(void);
 

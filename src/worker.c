@@ -14,7 +14,10 @@
  * disjoint sets of patients.  Failures of the portal are retried with
  * exponential backoff and jitter; only an event the portal rejects is
  * dead-lettered.  Any error ends the process; the launcher starts it again
- * a second later and everything resumes from the tables.
+ * a second later and everything resumes from the tables.  When other
+ * databases wait for a worker, the launcher asks this one to end its turn:
+ * it leaves between two steps, and its database waits for the next turn
+ * (launcher.c, database_registry.c).
  *
  * Each step runs in a memory context that is reset after it, so that
  * nothing a step allocates for its own use (an error message, the
