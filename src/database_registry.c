@@ -298,19 +298,22 @@ registry_confirm(Oid dboid)
 }
 
 /*
- * A worker found no extension in its database, in a transaction that
- * started at seen_at: the database leaves the registry, unless it was
- * registered since (a CREATE EXTENSION that committed after the worker
- * looked).
+ * A worker found that the extension instance it serves is gone, in a
+ * transaction that started at seen_at.  If another instance replaced it,
+ * the database gets a new worker (one turn now); if none is installed,
+ * the database leaves the registry, unless it was registered since (a
+ * CREATE EXTENSION that committed after the worker looked).
  */
 void
-registry_extension_missing(Oid dboid, TimestampTz seen_at)
+registry_extension_missing(Oid dboid, TimestampTz seen_at, bool replaced)
 {
 	RegisteredDatabase *entry;
 
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	entry = registry_lookup(dboid);
-	if (entry != NULL && entry->registered_at < seen_at)
+	if (entry != NULL && replaced)
+		queue_for_turn(entry, true);
+	else if (entry != NULL && entry->registered_at < seen_at)
 		registry_forget_locked(dboid);
 	LWLockRelease(portal_sync_shared->lock);
 }

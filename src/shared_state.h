@@ -149,7 +149,7 @@ extern void registry_note_extension(Oid dboid);
 extern void registry_note_copy(Oid template_oid, Oid dboid);
 extern void registry_note_work_locked(Oid dboid, bool always);
 extern void registry_confirm(Oid dboid);
-extern void registry_extension_missing(Oid dboid, TimestampTz seen_at);
+extern void registry_extension_missing(Oid dboid, TimestampTz seen_at, bool replaced);
 extern void registry_end_turn(WorkerSlot *slot, bool has_work, TimestampTz next_attempt_at,
 							  uint64 wakes_seen);
 extern void registry_load(void);

@@ -323,7 +323,8 @@ exit_if_extension_dropped(void)
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->extension_missing = true;
 	LWLockRelease(portal_sync_shared->lock);
-	registry_extension_missing(MyDatabaseId, GetCurrentTransactionStartTimestamp());
+	registry_extension_missing(MyDatabaseId, GetCurrentTransactionStartTimestamp(),
+							   OidIsValid(get_extension_oid("portal_sync", true)));
 	if (IsTransactionState())
 		AbortCurrentTransaction();
 	proc_exit(0);
