@@ -86,7 +86,7 @@ sub registry_written
 
 # ------------------------------------------------- 20 databases, 4 workers
 my $node = ps_new_node('turns', $portal, no_setup => 1,
-	conf => "portal_sync.max_workers = 4\nmax_worker_processes = 16\n");
+	conf => "portal_sync.max_workers = 4\nmax_worker_processes = 16\nrestart_after_crash = on\n");
 ok(registry_written($node), 'the launcher wrote its registry of databases');
 $node->safe_psql('postgres', 'CREATE DATABASE no_ext');
 my @dbs = map { sprintf('practice_%02d', $_) } 1 .. 20;
@@ -166,6 +166,31 @@ is($no_ext_workers, 0, 'no worker seen in the database without the extension');
 # status of an idle database without a worker is not "waiting"
 ok(ps_wait_until(sub { ps_status($node, $dbs[5])->{state} =~ /^(idle|not_running)$/ }, 'settled', 30),
 	'a database with nothing pending does not wait for a worker');
+
+# a copy of a database with the extension is found, while workers are
+# short: its status soon says needs_adoption
+$node->safe_psql('postgres', "CREATE DATABASE copy_of_02 TEMPLATE $dbs[1]");
+ok(ps_wait_until(sub { ps_status($node, 'copy_of_02')->{state} eq 'needs_adoption' }, 'copy found', 30),
+	'a copy made with CREATE DATABASE ... TEMPLATE says needs_adoption');
+
+# a crash: the registry is read back, and every database is served with
+# no CREATE EXTENSION
+ok(ps_kill_worker($node, $dbs[0], (split /\n/,
+	$node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'portal_sync worker' LIMIT 1"))[0]),
+	'a worker killed: the server restarted');
+for my $db (@dbs)
+{
+	$node->safe_psql($db, q{SELECT pstest.make_patient(2000); SELECT pstest.book(2000);});
+}
+ok(all_drained($node, \@dbs, 120), 'after the crash: every database drained');
+for my $db (@dbs)
+{
+	is(ps_query($node, $db, q{SELECT portal_sync.is_ready('2000')}), 't', "after the crash: $db delivered");
+}
+ok(ps_wait_until(sub { ps_status($node, 'copy_of_02')->{state} eq 'needs_adoption' }, 'copy after crash', 30),
+	'after the crash the copy still says needs_adoption');
+$sample->();
+is($no_ext_workers, 0, 'still no worker seen in the database without the extension');
 $node->stop;
 
 # ---------------------------------- 12 databases, slots short in the postmaster
