@@ -87,10 +87,13 @@ state_without_worker(RegisteredDatabase **entry_out)
 	*entry_out = entry;
 	if (entry == NULL)
 		return WORKER_NOT_RUNNING;
+	/* a backoff that is over: the database now waits for its turn */
+	if (entry->waiting_for_turn &&
+		(entry->parked_state == WORKER_NOT_RUNNING ||
+		 entry->parked_state == WORKER_BACKING_OFF))
+		return WORKER_WAITING_FOR_TURN;
 	if (entry->parked_state != WORKER_NOT_RUNNING)
 		return entry->parked_state;
-	if (entry->waiting_for_turn)
-		return WORKER_WAITING_FOR_TURN;
 	return WORKER_NOT_RUNNING;
 }
 
@@ -148,12 +151,16 @@ portal_sync_worker_status(PG_FUNCTION_ARGS)
 		if (state == WORKER_WAITING_FOR_TURN)
 		{
 			char		message[WORKER_ERROR_LEN];
+			int			running = 0;
 
+			for (int i = 0; i < portal_sync_shared->max_workers; i++)
+				running += portal_sync_shared->slots[i].in_use &&
+					portal_sync_shared->slots[i].pid != 0;
 			snprintf(message, sizeof(message),
-					 "waiting for a turn of a delivery worker: %d databases with pending events wait,"
-					 " and at most %d workers run at once (portal_sync.max_workers, and the free"
+					 "waiting for a turn of a delivery worker: %d database(s) with pending events wait"
+					 " while %d worker(s) serve others (portal_sync.max_workers = %d, and the free"
 					 " slots of max_worker_processes)",
-					 database_registry->waiting, portal_sync_shared->max_workers);
+					 database_registry->waiting, running, portal_sync_shared->max_workers);
 			values[2] = CStringGetTextDatum(message);
 			nulls[2] = false;
 			values[3] = TimestampTzGetDatum(entry->pending_since);
