@@ -12,7 +12,8 @@
 # background worker slots first: all served, also after a restart.  A
 # database without the extension never gets a worker (the launcher does
 # not probe it: no worker is ever registered for it, by the postmaster's
-# own log).
+# own log).  After a standby's promotion, a database created after its
+# base backup is found and served.
 
 use strict;
 use warnings;
@@ -237,5 +238,48 @@ cmp_ok($registered, '>', 0, "the postmaster's log shows worker registrations ($r
 unlike($log, qr/portal_sync worker for database $no_ext_oid"/,
 	'no worker was ever registered for the database without the extension');
 $node2->stop;
+
+# ----------------------------------------------------------- promotion
+# A database created with the extension after the standby's base backup
+# is missing from the registry file the backup copied: after promotion
+# (a new timeline) it is looked for, and served.  Nothing runs on the
+# standby before.
+my $portal3 = PortalSyncTest::Portal->start;
+my $primary = ps_new_node('promo_primary', $portal3, no_setup => 1,
+	init => { allows_streaming => 1 }, conf => "portal_sync.max_workers = 2\n");
+ok(registry_written($primary), 'primary: registry written');
+for my $db (qw(before_backup other_before))
+{
+	$primary->safe_psql('postgres', "CREATE DATABASE $db");
+	ps_setup_db($primary, $db);
+}
+$primary->backup('b1');
+my $standby = PostgreSQL::Test::Cluster->new('promo_standby');
+$standby->init_from_backup($primary, 'b1', has_streaming => 1);
+$standby->start;
+$primary->safe_psql('postgres', 'CREATE DATABASE after_backup');
+ps_setup_db($primary, 'after_backup');
+my @dbs3 = qw(before_backup other_before after_backup);
+# the portal is down: what the primary captures stays pending
+$portal3->down;
+for my $db (@dbs3)
+{
+	$primary->safe_psql($db, q{SELECT pstest.make_patient(i) FROM generate_series(1, 5) i;
+		SELECT pstest.book(i) FROM generate_series(1, 5) i;});
+}
+$primary->wait_for_catchup($standby);
+is($standby->safe_psql('postgres',
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'portal_sync%'"),
+	'0', 'no launcher and no worker on the standby');
+$primary->stop('immediate');
+$standby->promote;
+$portal3->up;
+ok(all_drained($standby, \@dbs3, 120),
+	'after promotion: every database drained, the one created after the backup too');
+for my $db (@dbs3)
+{
+	ps_compare_state($standby, $db, $portal3, "after promotion: $db exact");
+}
+$standby->stop;
 
 done_testing();
