@@ -12,8 +12,9 @@
  * command ends, successfully or not, the worker is started again at once.
  * A role that may not drop the database changes nothing: the command
  * fails on its own permission check, and delivery goes on.  At the commit
- * of any CREATE DATABASE the launcher looks for the new database at once,
- * so that a copy's worker soon says that the copy needs adoption.
+ * of a CREATE DATABASE the registry of databases learns whether the new
+ * database has the extension (its template has it), so that a copy's
+ * worker soon says that the copy needs adoption.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -45,8 +46,9 @@
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
 
-/* This transaction created a database: wake the launcher at commit. */
-static bool database_created = false;
+/* The database this transaction created, and its template, or InvalidOid. */
+static Oid	created_database = InvalidOid;
+static Oid	created_from = InvalidOid;
 
 /*
  * The database a utility statement needs without connections, or
@@ -170,34 +172,45 @@ database_is_paused(Oid dboid)
 }
 
 /*
- * At commit of a CREATE DATABASE, have the launcher look for the new
- * database at once: its scan during the command could not see it yet, and
- * a copy of a database with portal_sync must soon say that it needs
- * adoption.
+ * At commit of a CREATE DATABASE, tell the registry of databases: a copy
+ * of a database with portal_sync has it too, and must soon say that it
+ * needs adoption (the launcher cannot look into a database it has no
+ * worker in).
  */
 static void
-start_worker_of_created_database(XactEvent event, void *arg)
+register_created_database(XactEvent event, void *arg)
 {
-	if (event == XACT_EVENT_COMMIT && database_created)
-		wake_launcher();
+	if (event == XACT_EVENT_COMMIT && OidIsValid(created_database))
+		registry_note_copy(created_from, created_database);
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
-		database_created = false;
+		created_database = created_from = InvalidOid;
 }
 
 /*
- * Remember that a CREATE DATABASE ran, for its commit.
+ * Remember which database a CREATE DATABASE created, and from which
+ * template, for its commit.
  */
 static void
-note_database_created(void)
+note_database_created(CreatedbStmt *statement)
 {
 	static bool callback_registered = false;
+	const char *template_name = "template1";
+	ListCell   *lc;
 
 	if (!callback_registered)
 	{
-		RegisterXactCallback(start_worker_of_created_database, NULL);
+		RegisterXactCallback(register_created_database, NULL);
 		callback_registered = true;
 	}
-	database_created = true;
+	foreach(lc, statement->options)
+	{
+		DefElem    *option = lfirst(lc);
+
+		if (strcmp(option->defname, "template") == 0 && option->arg != NULL)
+			template_name = defGetString(option);
+	}
+	created_database = get_database_oid(statement->dbname, true);
+	created_from = get_database_oid(template_name, true);
 }
 
 /*
@@ -244,7 +257,7 @@ portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
 		run_utility(pstmt, queryString, readOnlyTree, context, params,
 					queryEnv, dest, qc);
 		if (portal_sync_shared != NULL && IsA(pstmt->utilityStmt, CreatedbStmt))
-			note_database_created();
+			note_database_created((CreatedbStmt *) pstmt->utilityStmt);
 		return;
 	}
 
@@ -259,7 +272,7 @@ portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
 	}
 	PG_END_TRY();
 	if (IsA(pstmt->utilityStmt, CreatedbStmt))
-		note_database_created();
+		note_database_created((CreatedbStmt *) pstmt->utilityStmt);
 }
 
 /*

@@ -1,17 +1,32 @@
 /*-------------------------------------------------------------------------
  *
  * launcher.c
- *		The launcher: one delivery worker for every database in which
- *		portal_sync is installed.
+ *		The launcher: delivery workers for the databases in which
+ *		portal_sync is installed, taking turns when there are more such
+ *		databases than workers.
  *
  * The launcher is a static background worker, connected to no database.
- * It does not know which databases have the extension, so it starts a
- * worker in every database that accepts connections; a worker that finds
- * no extension says so in its slot and exits, and that database is probed
- * again only rarely.  CREATE EXTENSION wakes the launcher to start the
- * worker at once.  A worker that fails is started again after a second.
- * The launcher starts only after recovery has finished, so nothing is
- * delivered from a hot standby, and everything starts after promotion.
+ * It learns which databases have the extension from the registry of
+ * databases (database_registry.c), not by starting workers to look: a
+ * database without the extension never gets a worker (except, one at a
+ * time and only in a free slot, a candidate the registry cannot vouch
+ * for after a promotion or a first start).  A worker that fails is
+ * started again after a second.  The launcher starts only after recovery
+ * has finished, so nothing is delivered from a hot standby, and
+ * everything starts after promotion.
+ *
+ * While there are enough workers (portal_sync.max_workers, and free
+ * background worker slots of max_worker_processes), every registered
+ * database has its worker, idle or not.  When databases with pending
+ * work find no slot (a full portal_sync slot table, or
+ * RegisterDynamicBackgroundWorker saying no), workers take turns: the
+ * launcher asks as many workers as there are waiting databases to end
+ * their turns, first those with nothing to deliver (idle, backing off,
+ * unconfigured, disabled, a copy), then those whose turn has lasted
+ * TURN_LENGTH_MS, longest first.  A worker ends its turn between steps,
+ * with no request in flight and no transaction open (worker.c), and its
+ * database goes to the back of the queue if it still has work.  Free
+ * slots go to the databases that have waited longest.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -50,10 +65,17 @@
  */
 #define PAUSE_RECHECK_MS			1000
 
-/* How often a database without the extension is probed again. */
-#define EXTENSION_PROBE_INTERVAL_MS	(5 * 60 * 1000)
+/*
+ * How long a busy worker keeps its slot while other databases wait for
+ * one, and how often the launcher looks again while they wait.
+ */
+#define TURN_LENGTH_MS				1000
+#define TURN_CHECK_MS				100
 
-/* What the launcher knows of one database. */
+/* How often, at most, the launcher logs that databases wait for turns. */
+#define TURNS_LOG_INTERVAL_MS		(10 * 60 * 1000)
+
+/* What the launcher knows of one database that accepts connections. */
 typedef struct KnownDatabase
 {
 	Oid			dboid;			/* hash key */
@@ -62,10 +84,23 @@ typedef struct KnownDatabase
 	TimestampTz next_start_at;	/* earliest time to start a worker */
 	bool		seen;			/* still exists at the last scan */
 	bool		adopted;		/* started by an earlier launcher: no handle */
-	TimestampTz requested_at;	/* CREATE EXTENSION asked for a worker */
 } KnownDatabase;
 
+/* A database that may get a worker in this pass, in the order of turns. */
+typedef struct TurnCandidate
+{
+	KnownDatabase *known;
+	bool		pending;		/* has work: waits for a turn */
+	bool		candidate;		/* the registry does not know if it has portal_sync */
+	TimestampTz since;			/* pending: since when; else end of its last turn */
+} TurnCandidate;
+
 static HTAB *known_databases = NULL;
+
+/* Databases of the last scan: all of them, and those a worker may serve. */
+static Oid *existing_oids = NULL;
+static Oid *servable_oids = NULL;
+static int	existing_max = 0;
 
 /*
  * Register the launcher with the postmaster; called from _PG_init.
@@ -100,7 +135,8 @@ launcher_detach(int code, Datum arg)
 
 /*
  * Mark every database that accepts connections as seen, adding the new
- * ones to the launcher's table.
+ * ones to the launcher's table, and tell the registry which databases
+ * exist.
  */
 static void
 scan_databases(void)
@@ -110,12 +146,16 @@ scan_databases(void)
 	HeapTuple	tuple;
 	HASH_SEQ_STATUS status;
 	KnownDatabase *known;
+	int			nexisting = 0;
+	int			nservable = 0;
+	TimestampTz scanned_at;
 
 	hash_seq_init(&status, known_databases);
 	while ((known = hash_seq_search(&status)) != NULL)
 		known->seen = false;
 
 	StartTransactionCommand();
+	scanned_at = GetCurrentTimestamp();
 	(void) GetTransactionSnapshot();
 	pgstat_report_activity(STATE_RUNNING, "scanning databases");
 
@@ -126,9 +166,17 @@ scan_databases(void)
 		Form_pg_database db = (Form_pg_database) GETSTRUCT(tuple);
 		bool		found;
 
+		if (nexisting == existing_max)
+		{
+			existing_max = Max(64, existing_max * 2);
+			existing_oids = repalloc(existing_oids, existing_max * sizeof(Oid));
+			servable_oids = repalloc(servable_oids, existing_max * sizeof(Oid));
+		}
+		existing_oids[nexisting++] = db->oid;
 		if (!db->datallowconn || db->datistemplate ||
 			db->datconnlimit == DATCONNLIMIT_INVALID_DB)
 			continue;
+		servable_oids[nservable++] = db->oid;
 		known = hash_search(known_databases, &db->oid, HASH_ENTER, &found);
 		if (!found)
 		{
@@ -136,7 +184,6 @@ scan_databases(void)
 			known->slot_index = -1;
 			known->next_start_at = 0;
 			known->adopted = false;
-			known->requested_at = 0;
 		}
 		known->seen = true;
 	}
@@ -145,6 +192,8 @@ scan_databases(void)
 
 	CommitTransactionCommand();
 	pgstat_report_activity(STATE_IDLE, NULL);
+
+	registry_scan_done(scanned_at, existing_oids, nexisting, servable_oids, nservable);
 }
 
 /*
@@ -182,6 +231,9 @@ claim_slot(Oid dboid, bool *running)
 			slot->latch = NULL;
 			slot->extension_missing = false;
 			slot->state = WORKER_NOT_RUNNING;
+			slot->turn_started_at = GetCurrentTimestamp();
+			slot->yield_requested = false;
+			slot->leaving = false;
 			index = i;
 			break;
 		}
@@ -191,35 +243,36 @@ claim_slot(Oid dboid, bool *running)
 }
 
 /*
- * Start the worker of a database in a claimed slot.
+ * Give a claimed slot back (its worker could not be started).
  */
 static void
+release_slot(int index)
+{
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	portal_sync_shared->slots[index].in_use = false;
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * Start the worker of a database in a free slot.  Returns false if there
+ * is no slot now: all of portal_sync's are taken, or the postmaster has
+ * no free background worker slot (max_worker_processes); the database
+ * then waits for a turn.
+ */
+static bool
 start_worker(KnownDatabase *known)
 {
 	BackgroundWorker worker;
-	static bool warned_full = false;
+	bool		running;
 
-	if (known->slot_index < 0)
+	known->slot_index = claim_slot(known->dboid, &running);
+	if (running)
 	{
-		bool		running;
-
-		known->slot_index = claim_slot(known->dboid, &running);
-		if (running)
-		{
-			known->adopted = true;
-			return;
-		}
-		if (known->slot_index < 0)
-		{
-			if (!warned_full)
-				ereport(WARNING,
-						(errmsg("portal_sync: all %d delivery worker slots are in use",
-								portal_sync_max_workers),
-						 errhint("Raise portal_sync.max_workers (and max_worker_processes).")));
-			warned_full = true;
-			return;
-		}
+		known->adopted = true;
+		return true;
 	}
+	if (known->slot_index < 0)
+		return false;
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -235,39 +288,33 @@ start_worker(KnownDatabase *known)
 
 	if (!RegisterDynamicBackgroundWorker(&worker, &known->handle))
 	{
-		ereport(LOG,
-				(errmsg("portal_sync: could not start a delivery worker for database %u",
-						known->dboid),
-				 errhint("Raise max_worker_processes.")));
+		release_slot(known->slot_index);
+		known->slot_index = -1;
 		known->handle = NULL;
-		known->next_start_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-														   WORKER_RESTART_DELAY_MS * 5);
+		return false;
 	}
+	return true;
 }
 
 /*
- * Release the slot of a worker that has stopped, deciding when to start
- * one again: soon after a failure, rarely where the extension is missing.
+ * Release the slot of a worker that has stopped.  One that ended its
+ * turn, or found no extension, has told the registry what comes next; one
+ * that failed is started again after a second.
  */
 static void
 reap_worker(KnownDatabase *known)
 {
 	WorkerSlot *slot = &portal_sync_shared->slots[known->slot_index];
 	TimestampTz now = GetCurrentTimestamp();
-	int			delay = WORKER_RESTART_DELAY_MS;
+	bool		ended_turn;
 
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
-	/*
-	 * A worker may find no extension because the CREATE EXTENSION that
-	 * asked for it has not committed yet: for a minute after such a
-	 * request, try again soon.
-	 */
-	if (slot->extension_missing &&
-		now - known->requested_at > (TimestampTz) 60 * USECS_PER_SEC)
-		delay = EXTENSION_PROBE_INTERVAL_MS;
+	ended_turn = slot->leaving || slot->extension_missing;
 	slot->in_use = false;
 	slot->pid = 0;
 	slot->latch = NULL;
+	slot->leaving = false;
+	slot->yield_requested = false;
 	LWLockRelease(portal_sync_shared->lock);
 
 	if (known->handle != NULL)
@@ -275,12 +322,135 @@ reap_worker(KnownDatabase *known)
 	known->handle = NULL;
 	known->adopted = false;
 	known->slot_index = -1;
-	known->next_start_at = TimestampTzPlusMilliseconds(now, delay);
+	known->next_start_at = ended_turn ? 0 :
+		TimestampTzPlusMilliseconds(now, WORKER_RESTART_DELAY_MS);
 }
 
 /*
- * One pass over the known databases: reap stopped workers, start missing
- * ones that are due, forget dropped databases.  Returns the time to sleep.
+ * Order of turns: databases with work first, longest waiting first; then
+ * the others (they get a worker only while nobody waits), the one whose
+ * last turn ended longest ago first.
+ */
+static int
+turn_order(const void *a, const void *b)
+{
+	const TurnCandidate *x = a;
+	const TurnCandidate *y = b;
+
+	if (x->pending != y->pending)
+		return x->pending ? -1 : 1;
+	if (x->since != y->since)
+		return x->since < y->since ? -1 : 1;
+	return 0;
+}
+
+/*
+ * Whether a worker in this state has nothing it can deliver now, so that
+ * it gives its slot up at once to a database that waits.
+ */
+static bool
+state_gives_way(WorkerState state)
+{
+	return state == WORKER_IDLE || state == WORKER_BACKING_OFF ||
+		state == WORKER_UNCONFIGURED || state == WORKER_DISABLED ||
+		state == WORKER_NEEDS_ADOPTION;
+}
+
+/*
+ * Ask workers to end their turns for "waiting" databases: first those
+ * with nothing to deliver, then those whose turn is over, longest first.
+ * Workers already asked count.
+ */
+static void
+ask_for_turns(int waiting)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz turn_over = TimestampTzPlusMilliseconds(now, -TURN_LENGTH_MS);
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < portal_sync_shared->max_workers; i++)
+	{
+		WorkerSlot *slot = &portal_sync_shared->slots[i];
+
+		if (slot->in_use && slot->yield_requested)
+			waiting--;
+	}
+	for (int pass = 0; pass < 2 && waiting > 0; pass++)
+	{
+		while (waiting > 0)
+		{
+			WorkerSlot *oldest = NULL;
+
+			for (int i = 0; i < portal_sync_shared->max_workers; i++)
+			{
+				WorkerSlot *slot = &portal_sync_shared->slots[i];
+
+				if (!slot->in_use || slot->pid == 0 || slot->yield_requested ||
+					slot->leaving)
+					continue;
+				if (pass == 0 && !state_gives_way(slot->state))
+					continue;
+				if (pass == 1 && slot->turn_started_at > turn_over)
+					continue;
+				if (oldest == NULL || slot->turn_started_at < oldest->turn_started_at)
+					oldest = slot;
+			}
+			if (oldest == NULL)
+				break;
+			oldest->yield_requested = true;
+			if (oldest->latch != NULL)
+				SetLatch(oldest->latch);
+			waiting--;
+		}
+	}
+	LWLockRelease(portal_sync_shared->lock);
+}
+
+/*
+ * Publish which databases wait for a turn (status says so), and log when
+ * turns begin, at most every TURNS_LOG_INTERVAL_MS.
+ */
+static void
+publish_waiting(TurnCandidate *cands, int ncands, int waiting)
+{
+	static TimestampTz logged_at = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		began;
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	began = database_registry->waiting == 0 && waiting > 0;
+	database_registry->waiting = waiting;
+	for (int i = 0; i < MAX_REGISTERED_DATABASES; i++)
+		database_registry->entries[i].waiting_for_turn = false;
+	for (int i = 0; i < ncands; i++)
+	{
+		RegisteredDatabase *entry;
+
+		if (!cands[i].pending || cands[i].known->slot_index >= 0 ||
+			cands[i].known->adopted)
+			continue;
+		entry = registry_lookup(cands[i].known->dboid);
+		if (entry != NULL)
+			entry->waiting_for_turn = true;
+	}
+	LWLockRelease(portal_sync_shared->lock);
+
+	if (began && now - logged_at > (TimestampTz) TURNS_LOG_INTERVAL_MS * 1000)
+	{
+		ereport(LOG,
+				(errmsg_plural("portal_sync: %d database with pending events waits for a delivery worker; workers take turns",
+							   "portal_sync: %d databases with pending events wait for a delivery worker; workers take turns",
+							   waiting, waiting),
+				 errhint("Each database waits a few seconds at most. To give every database its own worker,"
+						 " raise portal_sync.max_workers and max_worker_processes.")));
+		logged_at = now;
+	}
+}
+
+/*
+ * One pass over the known databases: reap stopped workers, forget dropped
+ * databases, start workers in the free slots in the order of turns, and
+ * ask for turns to end while databases wait.  Returns the time to sleep.
  */
 static long
 supervise_workers(Oid requested)
@@ -288,15 +458,20 @@ supervise_workers(Oid requested)
 	HASH_SEQ_STATUS status;
 	KnownDatabase *known;
 	TimestampTz now = GetCurrentTimestamp();
-	long		sleep_ms = EXTENSION_PROBE_INTERVAL_MS;
+	long		sleep_ms = 60 * 1000L;
+	TurnCandidate *cands;
+	int			ncands = 0;
+	int			running = 0;
+	int			candidates_running = 0;
+	int			waiting = 0;
+	bool		no_slot = false;
+
+	cands = palloc(Max(hash_get_num_entries(known_databases), 1) * sizeof(TurnCandidate));
 
 	hash_seq_init(&status, known_databases);
 	while ((known = hash_seq_search(&status)) != NULL)
 	{
 		pid_t		pid;
-
-		if (known->dboid == requested)
-			known->requested_at = now;
 
 		if (known->handle != NULL &&
 			GetBackgroundWorkerPid(known->handle, &pid) == BGWH_STOPPED)
@@ -311,21 +486,84 @@ supervise_workers(Oid requested)
 				hash_search(known_databases, &known->dboid, HASH_REMOVE, NULL);
 			continue;
 		}
+		if (known->dboid == requested)
+			known->next_start_at = 0;
+	}
 
-		if (known->handle == NULL && !known->adopted)
+	/* who may get a worker, from the registry */
+	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
+	hash_seq_init(&status, known_databases);
+	while ((known = hash_seq_search(&status)) != NULL)
+	{
+		RegisteredDatabase *entry = registry_lookup(known->dboid);
+		TurnCandidate *cand;
+
+		if (known->handle != NULL || known->adopted)
 		{
-			bool		paused = database_is_paused(known->dboid);
+			running++;
+			if (entry != NULL && entry->knowledge == DATABASE_CANDIDATE)
+				candidates_running++;
+			continue;
+		}
+		if (entry == NULL || !known->seen)
+			continue;
+		if (known->next_start_at > now)
+		{
+			sleep_ms = Min(sleep_ms, (long) ((known->next_start_at - now) / 1000) + 1);
+			continue;
+		}
+		if (entry->not_before > now)
+		{
+			sleep_ms = Min(sleep_ms, (long) ((entry->not_before - now) / 1000) + 1);
+			continue;
+		}
+		cand = &cands[ncands++];
+		cand->known = known;
+		cand->pending = entry->work_pending;
+		cand->candidate = entry->knowledge == DATABASE_CANDIDATE;
+		cand->since = entry->work_pending ? entry->pending_since : entry->last_turn_end;
+	}
+	LWLockRelease(portal_sync_shared->lock);
 
-			if (known->dboid == requested)
-				known->next_start_at = 0;
-			if (!paused && known->next_start_at <= now)
-				start_worker(known);
-			else if (paused)
-				sleep_ms = Min(sleep_ms, PAUSE_RECHECK_MS);
-			else
-				sleep_ms = Min(sleep_ms, (long) ((known->next_start_at - now) / 1000) + 1);
+	qsort(cands, ncands, sizeof(TurnCandidate), turn_order);
+
+	for (int i = 0; i < ncands; i++)
+	{
+		TurnCandidate *cand = &cands[i];
+
+		/* a candidate is looked at one at a time */
+		if (cand->candidate && candidates_running > 0)
+			continue;
+		if (database_is_paused(cand->known->dboid))
+		{
+			sleep_ms = Min(sleep_ms, PAUSE_RECHECK_MS);
+			continue;
+		}
+		if (!no_slot && running < portal_sync_shared->max_workers &&
+			start_worker(cand->known))
+		{
+			running++;
+			if (cand->candidate)
+				candidates_running++;
+			continue;
+		}
+		no_slot = true;
+		if (cand->pending)
+		{
+			waiting++;
+			/* a candidate waits as one, whichever goes first */
+			if (cand->candidate)
+				candidates_running++;
 		}
 	}
+
+	publish_waiting(cands, ncands, waiting);
+	if (waiting > 0)
+	{
+		ask_for_turns(waiting);
+		sleep_ms = Min(sleep_ms, TURN_CHECK_MS);
+	}
+	pfree(cands);
 	return Max(sleep_ms, 10);
 }
 
@@ -349,6 +587,11 @@ portal_sync_launcher_main(Datum arg)
 	LWLockRelease(portal_sync_shared->lock);
 	before_shmem_exit(launcher_detach, (Datum) 0);
 
+	registry_load();
+	existing_max = 64;
+	existing_oids = MemoryContextAlloc(TopMemoryContext, existing_max * sizeof(Oid));
+	servable_oids = MemoryContextAlloc(TopMemoryContext, existing_max * sizeof(Oid));
+
 	ctl.keysize = sizeof(Oid);
 	ctl.entrysize = sizeof(KnownDatabase);
 	known_databases = hash_create("portal_sync databases", 16, &ctl,
@@ -366,6 +609,7 @@ portal_sync_launcher_main(Datum arg)
 
 		scan_databases();
 		sleep_ms = supervise_workers(requested);
+		registry_save_if_dirty();
 
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

@@ -8,7 +8,8 @@
  * worker's latch (so that committing EHR transactions can wake it), the
  * worker's state for portal_sync.status, and a condition variable that
  * wait_ready() sleeps on.  Everything here is lost on restart by design:
- * the durable state lives in the extension's tables.
+ * the durable state lives in the extension's tables (and the registry of
+ * databases in its own file, database_registry.c).
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -53,6 +54,7 @@ portal_sync_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(shared_state_size());
 	RequestAddinShmemSpace(unrecorded_writes_shmem_size());
+	RequestAddinShmemSpace(database_registry_shmem_size());
 	RequestNamedLWLockTranche("portal_sync", 2);	/* shared state, unrecorded writes */
 }
 
@@ -75,8 +77,11 @@ portal_sync_shmem_startup(void)
 		portal_sync_shared->lock = &(GetNamedLWLockTranche("portal_sync"))->lock;
 		portal_sync_shared->max_workers = portal_sync_max_workers;
 		ConditionVariableInit(&portal_sync_shared->ready_cv);
+		for (int i = 0; i < portal_sync_shared->max_workers; i++)
+			pg_atomic_init_u64(&portal_sync_shared->slots[i].wakes, 0);
 	}
 	unrecorded_writes_shmem_init();
+	database_registry_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -110,10 +115,32 @@ worker_slot_for_database(Oid dboid)
 }
 
 /*
+ * Wake a worker that serves its database; the caller holds the lock.  The
+ * wake is counted, so that a worker ending its turn knows whether a commit
+ * came after its last look at the outbox.
+ */
+static void
+wake_serving_worker(WorkerSlot *slot, bool always)
+{
+	pg_atomic_fetch_add_u64(&slot->wakes, 1);
+
+	/*
+	 * A worker without an endpoint, paused or waiting out a backoff would
+	 * only go back to sleep: don't make every EHR commit wake it.
+	 */
+	if (slot->latch != NULL &&
+		(always || slot->state == WORKER_IDLE || slot->state == WORKER_RUNNING ||
+		 slot->state == WORKER_WAITING))
+		SetLatch(slot->latch);
+}
+
+/*
  * Wake the delivery worker of a database, if it runs.  Called at commit
  * of a transaction that queued events: the latency of delivery is the
  * latency of this SetLatch, not of a polling interval.  "always" wakes it
- * whatever it is doing (the settings changed).
+ * whatever it is doing (the settings changed).  A database that no worker
+ * serves (it waits for a turn, or its worker ended its turn) is queued
+ * for one, and the launcher woken.
  */
 void
 wake_worker_of_database(Oid dboid, bool always)
@@ -124,29 +151,20 @@ wake_worker_of_database(Oid dboid, bool always)
 		return;
 	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
 	slot = worker_slot_for_database(dboid);
-	/*
-	 * A worker without an endpoint, paused or waiting out a backoff would
-	 * only go back to sleep: don't make every EHR commit wake it.
-	 */
-	if (slot != NULL && slot->latch != NULL &&
-		(always || slot->state == WORKER_IDLE || slot->state == WORKER_RUNNING ||
-		 slot->state == WORKER_WAITING))
-		SetLatch(slot->latch);
-	LWLockRelease(portal_sync_shared->lock);
-}
-
-/*
- * Wake the launcher: it scans pg_database again and starts the workers of
- * databases it has not seen yet.
- */
-void
-wake_launcher(void)
-{
-	if (portal_sync_shared == NULL)
+	if (slot != NULL && !slot->leaving)
+	{
+		wake_serving_worker(slot, always);
+		LWLockRelease(portal_sync_shared->lock);
 		return;
-	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
-	if (portal_sync_shared->launcher_latch != NULL)
-		SetLatch(portal_sync_shared->launcher_latch);
+	}
+	LWLockRelease(portal_sync_shared->lock);
+
+	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
+	slot = worker_slot_for_database(dboid);
+	if (slot != NULL && !slot->leaving)
+		wake_serving_worker(slot, always);
+	else
+		registry_note_work_locked(dboid, always);
 	LWLockRelease(portal_sync_shared->lock);
 }
 

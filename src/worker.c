@@ -14,7 +14,10 @@
  * disjoint sets of patients.  Failures of the portal are retried with
  * exponential backoff and jitter; only an event the portal rejects is
  * dead-lettered.  Any error ends the process; the launcher starts it again
- * a second later and everything resumes from the tables.
+ * a second later and everything resumes from the tables.  When other
+ * databases wait for a worker, the launcher asks this one to end its turn:
+ * it leaves between two steps, and its database waits for the next turn
+ * (launcher.c, database_registry.c).
  *
  * Each step runs in a memory context that is reset after it, so that
  * nothing a step allocates for its own use (an error message, the
@@ -202,6 +205,8 @@ worker_state_name(WorkerState state)
 			return "unconfigured";
 		case WORKER_NEEDS_ADOPTION:
 			return "needs_adoption";
+		case WORKER_WAITING_FOR_TURN:
+			return "waiting_for_worker";
 		case WORKER_NOT_RUNNING:
 			break;
 	}
@@ -317,6 +322,8 @@ exit_if_extension_dropped(void)
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	my_slot->extension_missing = true;
 	LWLockRelease(portal_sync_shared->lock);
+	registry_extension_missing(MyDatabaseId, GetCurrentTransactionStartTimestamp(),
+							   OidIsValid(get_extension_oid("portal_sync", true)));
 	if (IsTransactionState())
 		AbortCurrentTransaction();
 	proc_exit(0);
@@ -1391,6 +1398,26 @@ guarded_delivery_step(DeliveryState *delivery)
 }
 
 /*
+ * Between two steps (no request in flight, no transaction open): end this
+ * worker's turn if the launcher asks, because other databases wait for a
+ * worker (launcher.c).  A unit half sent is finished first.
+ */
+static void
+end_turn_if_asked(DeliveryState *delivery, uint64 wakes_seen)
+{
+	bool		asked;
+
+	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
+	asked = my_slot->yield_requested;
+	LWLockRelease(portal_sync_shared->lock);
+	if (!asked || delivery->unit != NULL)
+		return;
+	registry_end_turn(my_slot, my_slot->state != WORKER_IDLE,
+					  delivery->next_attempt_at, wakes_seen);
+	proc_exit(0);
+}
+
+/*
  * Main function of a delivery worker.
  */
 void
@@ -1472,6 +1499,7 @@ portal_sync_worker_main(Datum arg)
 	/* A database without the extension: say so and leave. */
 	begin_work("portal_sync: starting");
 	exit_if_extension_dropped();
+	registry_confirm(MyDatabaseId);
 	if (SPI_execute("SELECT COALESCE(pg_catalog.sum(events), 0)::int8"
 					" FROM portal_sync.delivery_log WHERE accepted_at IS NOT NULL",
 					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
@@ -1499,6 +1527,7 @@ portal_sync_worker_main(Datum arg)
 	for (;;)
 	{
 		int			events = 0;
+		uint64		wakes_seen;
 
 		if (sleep_ms > 0)
 			events = WaitLatch(MyLatch,
@@ -1545,9 +1574,11 @@ portal_sync_worker_main(Datum arg)
 			delivery.gzip_refused = false;
 		}
 
+		wakes_seen = pg_atomic_read_u64(&my_slot->wakes);
 		MemoryContextSwitchTo(step_context);
 		sleep_ms = guarded_delivery_step(&delivery);
 		MemoryContextSwitchTo(TopMemoryContext);
 		MemoryContextReset(step_context);
+		end_turn_if_asked(&delivery, wakes_seen);
 	}
 }
