@@ -945,6 +945,28 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 }
 
 /*
+ * Refuse to detach a partition of an attached table: it is captured with
+ * its partitioned table, and dropping its triggers alone would silently
+ * stop capturing its rows.
+ */
+static void
+check_not_captured_partition(Relation rel)
+{
+	SourceConfig *config;
+
+	if (!rel->rd_rel->relispartition)
+		return;
+	config = source_config_lookup(RelationGetRelid(rel));
+	if (config != NULL && config->attached_relid != RelationGetRelid(rel))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is a partition of the attached table \"%s\"",
+						RelationGetRelationName(rel), get_rel_name(config->attached_relid)),
+				 errhint("Detach the partitioned table %s, or take the partition out of it with ALTER TABLE ... DETACH PARTITION.",
+						 relation_qualified_name(config->attached_relid))));
+}
+
+/*
  * portal_sync.detach(source regclass)
  *
  * Stop capturing a table: drop its triggers, its settings and the events
@@ -964,6 +986,7 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 	if (!pg_class_ownercheck(relid, GetUserId()))
 		aclcheck_error(ACLCHECK_NOT_OWNER, get_relkind_objtype(rel->rd_rel->relkind),
 					   RelationGetRelationName(rel));
+	check_not_captured_partition(rel);
 
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)

@@ -131,13 +131,27 @@ write_some('w2');
 ps_check_settled($node, $db, $portal, 'snapshots with writers on partitions');
 write_some('w3');
 
+sub outbox_seq { return one(q{SELECT last_value FROM portal_sync.outbox_seq}) }
+
 # Exactly once: each statement's rows queue one event per row, whichever
 # table it names.
-sub outbox_seq { return one(q{SELECT last_value FROM portal_sync.outbox_seq}) }
 ok(ps_wait_drained($node, $db), 'drained before the counted writes');
+# (counted in the writing transaction: the worker may send them at once)
+sub queued_for_last_obs
+{
+	my ($sql) = @_;
+	return split /\|/, one(qq{BEGIN;
+$sql;
+SELECT currval('ehr.lab_obs_id'), count(*) FROM portal_sync.outbox
+WHERE source_id = (SELECT source_id FROM portal_sync.source WHERE name = 'lab_obs')
+  AND currval('ehr.lab_obs_id')::text = ANY (keys);
+COMMIT;});
+}
 my $m1 = ps_nreq($portal);
-my ($ka) = one(q{INSERT INTO ehr.lab_obs_2025a (patient_id, observed_on, test_name, value) VALUES (1, '2025-03-03', 'once a', '1') RETURNING obs_id});
-my ($kb) = one(q{INSERT INTO ehr.lab_obs (patient_id, observed_on, test_name, value) VALUES (1, '2025-03-04', 'once b', '1') RETURNING obs_id});
+my ($ka, $na) = queued_for_last_obs(q{INSERT INTO ehr.lab_obs_2025a (patient_id, observed_on, test_name, value) VALUES (1, '2025-03-03', 'once a', '1')});
+is($na, 1, 'a write naming a sub-partition queues its row once');
+my ($kb, $nb) = queued_for_last_obs(q{INSERT INTO ehr.lab_obs (patient_id, observed_on, test_name, value) VALUES (1, '2025-03-04', 'once b', '1')});
+is($nb, 1, 'a write naming the parent queues its row once');
 ok(ps_wait_drained($node, $db), 'counted writes: drained');
 for my $k ($ka, $kb)
 {
@@ -154,11 +168,44 @@ one(q{UPDATE ehr.lab_obs_2024 SET value = value, status = status});
 one(q{UPDATE ehr.lab_obs_2025 SET lab_comment = 'SECRET 2025'});
 is(outbox_seq(), $seq0, 'unlisted-only and no-op updates on partitions queue nothing');
 
+# A partition whose capture cannot fire is named by status and explain.
+one(q{ALTER TABLE ehr.lab_obs_2024 DISABLE TRIGGER portal_sync_capture_update});
+is(one(q{SELECT array_to_string(capture_disabled, ',') FROM portal_sync.status}), 'ehr.lab_obs_2024',
+	'status.capture_disabled names a partition whose trigger is disabled');
+like(one(q{SELECT detail FROM portal_sync.explain('1') WHERE step = 'capture'}), qr/ehr\.lab_obs_2024/,
+	'  and so does explain');
+one(q{ALTER TABLE ehr.lab_obs_2024 ENABLE TRIGGER ALL});
+is(one(q{SELECT cardinality(capture_disabled) FROM portal_sync.status}), 0, '  enabled again');
+like(one(q{SELECT detail FROM portal_sync.explain('3') WHERE step = 'withheld' AND detail LIKE 'lab_obs:%'}),
+	qr/^lab_obs: \d+ by date, [1-9]\d* by privacy, [1-9]\d* by share_when$/,
+	'explain counts the withheld rows of every partition');
+
+# A partition is detached from portal_sync only with its partitioned
+# table, and a table attached on its own cannot become a partition of an
+# attached table.
+($rc, $out, $err) = $node->psql($db, q{SELECT portal_sync.detach('ehr.lab_obs_2024')});
+like($err, qr/"lab_obs_2024" is a partition of the attached table "lab_obs"/,
+	'detach() of a partition is refused');
+one(q{CREATE TABLE ehr.solo (LIKE ehr.lab_obs INCLUDING DEFAULTS);
+ALTER TABLE ehr.solo ADD PRIMARY KEY (obs_id);
+CREATE INDEX ON ehr.solo (patient_id);
+SELECT portal_sync.attach('ehr.solo', 'clinical', 'patient_id', name => 'solo');});
+($rc, $out, $err) = $node->psql($db,
+	q{ALTER TABLE ehr.lab_obs ATTACH PARTITION ehr.solo FOR VALUES FROM ('2030-01-01') TO ('2031-01-01')});
+like($err, qr/"solo" is attached to portal_sync on its own and cannot become a partition of "lab_obs"/,
+	'a table attached on its own cannot become a partition of an attached table');
+one(q{SELECT portal_sync.detach('ehr.solo'); DROP TABLE ehr.solo;});
+
 # An UPDATE through the parent that moves a row to another partition is
 # one change of that row.
 my ($moved) = one(q{SELECT obs_id FROM ehr.lab_obs_2024 WHERE patient_id = 2 AND status = 'final' AND privacy_level <= 1 ORDER BY obs_id LIMIT 1});
 my $m2 = ps_nreq($portal);
-one(qq{UPDATE ehr.lab_obs SET observed_on = '2025-09-09', value = 'moved' WHERE obs_id = $moved});
+is(one(qq{BEGIN;
+UPDATE ehr.lab_obs SET observed_on = '2025-09-09', value = 'moved' WHERE obs_id = $moved;
+SELECT string_agg(op, ',') FROM portal_sync.outbox
+WHERE source_id = (SELECT source_id FROM portal_sync.source WHERE name = 'lab_obs')
+  AND '$moved' = ANY (keys);
+COMMIT;}), 'u', 'an update moving a row across partitions queues one update of it');
 is(one(qq{SELECT tableoid::regclass FROM ehr.lab_obs WHERE obs_id = $moved}), 'ehr.lab_obs_2025b',
 	'the row moved to another partition');
 ok(ps_wait_drained($node, $db), 'cross-partition update: drained');
@@ -217,6 +264,38 @@ for my $r (@{ $portal->requests(full => 1) })
 	}
 }
 ok(!@bad, 'no event carries an unlisted column') or diag("@bad[0..($#bad > 5 ? 5 : $#bad)]");
+
+# A partitioned insurance table: its rows flow for every patient, enrolled
+# or not (7 and 8 are not), also the rows a table brings when it is
+# attached as a partition; a dropped partition's rows are sent as deletes,
+# as are those a TRUNCATE of the partitioned table removes.
+one(q{
+CREATE TABLE ehr.coverage (coverage_id bigint NOT NULL, patient_id int NOT NULL,
+	valid_from date NOT NULL, payer text, PRIMARY KEY (coverage_id, valid_from))
+	PARTITION BY RANGE (valid_from);
+CREATE INDEX ON ehr.coverage (patient_id);
+CREATE TABLE ehr.coverage_old PARTITION OF ehr.coverage FOR VALUES FROM ('2000-01-01') TO ('2025-01-01');
+CREATE TABLE ehr.coverage_new PARTITION OF ehr.coverage FOR VALUES FROM ('2025-01-01') TO ('2030-01-01');
+SELECT portal_sync.attach('ehr.coverage', 'insurance', 'patient_id', name => 'coverage');
+INSERT INTO ehr.coverage SELECT i, i, '2024-01-01', 'Old Payer' FROM generate_series(1, 8) i;
+INSERT INTO ehr.coverage_new SELECT 100 + i, i, '2025-01-01', 'New Payer' FROM generate_series(1, 8) i;
+CREATE TABLE ehr.coverage_2030 (payer text, valid_from date NOT NULL, patient_id int NOT NULL,
+	coverage_id bigint NOT NULL);
+INSERT INTO ehr.coverage_2030 SELECT 'Future Payer', '2030-06-01', i, 200 + i FROM generate_series(1, 8) i;
+ALTER TABLE ehr.coverage ATTACH PARTITION ehr.coverage_2030 FOR VALUES FROM ('2030-01-01') TO ('2031-01-01');
+});
+ps_check_settled($node, $db, $portal, 'a partitioned insurance table');
+my $p8 = $portal->state->{practices}{postgres}{patients}{8}{items}{coverage} || {};
+is(join(',', sort keys %$p8), '108,208,8',
+	'a patient not enrolled has the insurance rows of every partition, those of the attached table too');
+one(q{DROP TABLE ehr.coverage_old});
+ps_check_settled($node, $db, $portal, 'insurance partition dropped');
+$p8 = $portal->state->{practices}{postgres}{patients}{8}{items}{coverage} || {};
+is(join(',', sort keys %$p8), '108,208', '  its rows were sent as deletes');
+one(q{TRUNCATE ehr.coverage});
+ps_check_settled($node, $db, $portal, 'insurance partitioned table truncated');
+is(scalar(keys %{ $portal->state->{practices}{postgres}{patients}{8}{items}{coverage} || {} }), 0,
+	'  every partition\'s rows were sent as deletes');
 
 # DETACH PARTITION: the detached table is no longer captured; the portal
 # keeps what it has until a snapshot no longer mentions it.
