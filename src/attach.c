@@ -222,7 +222,7 @@ notice_key_with_partition_key(Relation rel, AttrNumber attnum)
 					get_attname(RelationGetRelid(rel), attnum, false),
 					RelationGetRelationName(rel)),
 			 errdetail("The portal knows a row by its key alone: its values must never repeat across partitions."),
-			 errhint("Give the key its values from one sequence for the whole table (DEFAULT nextval(...)), and never move a row to another partition with a key another partition holds.")));
+			 errhint("Give the key its values from one sequence for the whole table (DEFAULT nextval(...)).")));
 }
 
 /*
@@ -771,6 +771,7 @@ void
 add_capture_triggers(Oid relid)
 {
 	char	   *qualified_name = relation_qualified_name(relid);
+	bool		created = false;
 
 	if (get_rel_relkind(relid) == RELKIND_FOREIGN_TABLE)
 		ereport(ERROR,
@@ -787,6 +788,7 @@ add_capture_triggers(Oid relid)
 
 		if (OidIsValid(get_trigger_oid(relid, capture_triggers[i].name, true)))
 			continue;
+		created = true;
 		event = psprintf(capture_triggers[i].definition, qualified_name);
 		before = strncmp(event, "TRUNCATE", 8) == 0;
 		sql = psprintf("CREATE TRIGGER %s %s %s FOR EACH STATEMENT"
@@ -796,7 +798,8 @@ add_capture_triggers(Oid relid)
 		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
 			elog(ERROR, "creating trigger %s failed", capture_triggers[i].name);
 	}
-	CommandCounterIncrement();
+	if (created)
+		CommandCounterIncrement();
 }
 
 /*

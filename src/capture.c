@@ -42,11 +42,11 @@
 #include "utils/datum.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
+#include "storage/proc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/tuplestore.h"
-#include "storage/proc.h"
 
 #include "portal_sync.h"
 #include "unrecorded_writes.h"

@@ -118,23 +118,22 @@ attached_on_its_own(Oid relid)
 
 /*
  * Give a table and every partition of it the capture triggers they lack,
- * as the extension's owner (who creates them in attach() too).
+ * as the extension's owner (who creates them in attach() too).  Only the
+ * tables that lack them are locked (by CREATE TRIGGER): a partition
+ * created in a large tree does not hold up the writers of the others.
  */
 static void
 add_triggers_to_tree(Oid relid)
 {
 	ExtensionOwnerContext owner;
-	List	   *tree = lcons_oid(relid, partitions_of(relid, ShareRowExclusiveLock));
+	List	   *tree = lcons_oid(relid, partitions_of(relid, NoLock));
 	ListCell   *lc;
 
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	foreach(lc, tree)
-	{
 		add_capture_triggers(lfirst_oid(lc));
-		CacheInvalidateRelcacheByRelid(lfirst_oid(lc));
-	}
 	SPI_finish();
 	restore_user(&owner);
 }

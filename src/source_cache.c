@@ -9,11 +9,11 @@
  * changed (attach, detach and any ALTER TABLE send one).  Among them is
  * what capture derives from the settings: which columns an UPDATE must
  * change to be recorded.  A partition of an attached partitioned table
- * has an entry of its own, the settings of its topmost attached ancestor
+ * has an entry of its own: the settings of its topmost attached ancestor,
  * with the columns mapped by name to the partition's own row format
  * (attach, detach, and ATTACH / DETACH PARTITION invalidate the
- * partition's entry: they change its triggers).  The OIDs of the extension's own relations are
- * cached the same way.
+ * partition's entry: they change its triggers).  The OIDs of the
+ * extension's own relations are cached the same way.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -289,8 +289,11 @@ load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc,
 	AttrNumber	natts = relation_natts(config->relid);
 	int			member = -1;
 
-	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum, desc, &isnull)));
-	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum, desc, &isnull)));
+	/* the attached table's numbers; mapped to the partition's below */
+	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum,
+															 desc, &isnull)));
+	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum,
+															 desc, &isnull)));
 	value = heap_getattr(tuple, Anum_source_date_attnum, desc, &isnull);
 	if (!isnull)
 		attnums = add_attnum(attnums, DatumGetInt16(value));

@@ -338,6 +338,12 @@ ps_check_settled($node, $db, $portal, 'after TRUNCATE of a partition', since => 
 one(q{SELECT portal_sync.detach('ehr.lab_obs')});
 is(one(q{SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'portal\_sync\_capture\_%'
 	AND tgrelid::regclass::text LIKE 'ehr.lab_obs%'}), 0, 'detach() drops the triggers of every partition');
+# Dropping the partitioned table itself forgets the source, partitions
+# and all, like dropping any attached table.
+one(q{DROP TABLE ehr.coverage});
+is(one(q{SELECT count(*) FROM portal_sync.sources WHERE name = 'coverage'}), 0,
+	'dropping the partitioned table forgets its source');
+is(one(q{SELECT count(*) FROM portal_sync.sources WHERE name = 'booking'}), 1, '  and no other');
 $writer->quit;
 $node->stop;
 done_testing();
