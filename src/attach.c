@@ -773,13 +773,6 @@ add_capture_triggers(Oid relid)
 	char	   *qualified_name = relation_qualified_name(relid);
 	bool		created = false;
 
-	if (get_rel_relkind(relid) == RELKIND_FOREIGN_TABLE)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("foreign table \"%s\" cannot be a partition of a table attached to portal_sync",
-						get_rel_name(relid)),
-				 errdetail("Writes to a foreign table are not captured: it cannot have triggers with transition tables."),
-				 errhint("Keep the rows in an ordinary partition, or detach the partitioned table with portal_sync.detach().")));
 	for (int i = 0; i < lengthof(capture_triggers); i++)
 	{
 		char	   *event;

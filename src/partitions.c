@@ -354,9 +354,11 @@ partition_process_utility(PlannedStmt *pstmt, const char *queryString,
 	foreach(lc, attached)
 	{
 		Oid			partition = lfirst_oid(lc);
+		SourceConfig *config = captured_as(partition);
 		Relation	rel;
 
-		if (captured_as(partition) == NULL)
+		/* not into an attached tree; or attached on its own, rows and all */
+		if (config == NULL || config->attached_relid == partition)
 			continue;
 		add_triggers_to_tree(partition);
 		rel = table_open(partition, NoLock);

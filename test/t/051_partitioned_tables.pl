@@ -194,6 +194,26 @@ SELECT portal_sync.attach('ehr.solo', 'clinical', 'patient_id', name => 'solo');
 	q{ALTER TABLE ehr.lab_obs ATTACH PARTITION ehr.solo FOR VALUES FROM ('2030-01-01') TO ('2031-01-01')});
 like($err, qr/"solo" is attached to portal_sync on its own and cannot become a partition of "lab_obs"/,
 	'a table attached on its own cannot become a partition of an attached table');
+# Into a partitioned table that is not attached, it stays its own source:
+# its rows are not queued again, its writes are captured as before (seen
+# in the writing transaction, rolled back).
+my $archive = q{CREATE TABLE ehr.archive (LIKE ehr.lab_obs INCLUDING DEFAULTS, UNIQUE (obs_id, observed_on))
+	PARTITION BY RANGE (observed_on);
+ALTER TABLE ehr.archive ATTACH PARTITION ehr.solo FOR VALUES FROM ('2030-01-01') TO ('2031-01-01');};
+is(one(qq{BEGIN;
+INSERT INTO ehr.solo (patient_id, observed_on, test_name, value) VALUES (1, '2030-02-02', 'solo 1', '1');
+$archive
+INSERT INTO ehr.solo (patient_id, observed_on, test_name, value) VALUES (1, '2030-02-03', 'solo 2', '1');
+SELECT count(*) FROM portal_sync.outbox
+WHERE source_id = (SELECT source_id FROM portal_sync.source WHERE name = 'solo');
+ROLLBACK;}), 2,
+	'a table attached on its own, attached into a table that is not: its writes queued, its rows not again');
+($rc, $out, $err) = $node->psql($db, qq{BEGIN;
+$archive
+SELECT portal_sync.attach('ehr.archive', 'clinical', 'patient_id', key_col => 'obs_id');
+ROLLBACK;});
+like($err, qr/partition "solo" of "archive" is attached to portal_sync on its own/,
+	'  and its partitioned table cannot be attached while it is');
 one(q{SELECT portal_sync.detach('ehr.solo'); DROP TABLE ehr.solo;});
 
 # An UPDATE through the parent that moves a row to another partition is
