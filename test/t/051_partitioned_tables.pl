@@ -262,6 +262,17 @@ ALTER TABLE ehr.lab_obs ATTACH PARTITION ehr.lab_obs_2023 FOR VALUES FROM ('2023
 write_some('w5');
 one(q{INSERT INTO ehr.lab_obs_2023 (patient_id, observed_on, test_name, value) VALUES (2, '2023-06-06', 'named', '9')});
 one(q{UPDATE ehr.lab_obs_2023 SET value = '55' WHERE patient_id = 4});
+# An enrolling partition in another row format: enroll_when reads the
+# partition's own columns.
+one(q{CREATE TABLE ehr.booking_2027 (status text NOT NULL DEFAULT 'scheduled', starts_on date NOT NULL,
+	patient_id int, booking_id bigint NOT NULL DEFAULT nextval('ehr.booking_id'));
+ALTER TABLE ehr.booking ATTACH PARTITION ehr.booking_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+INSERT INTO ehr.booking_2027 (patient_id, starts_on, status) VALUES (8, '2027-02-02', 'cancelled');});
+is(one(q{SELECT count(*) FROM portal_sync.patients WHERE patient_id = '8'}), 0,
+	'a row of a partition in another row format that does not satisfy enroll_when enrolls nobody');
+one(q{INSERT INTO ehr.booking_2027 (patient_id, starts_on) VALUES (7, '2027-03-03')});
+is(one(q{SELECT count(*) FROM portal_sync.patients WHERE patient_id = '7'}), 1,
+	'  one that satisfies it enrolls its patient');
 ps_check_settled($node, $db, $portal, 'partitions created and attached after attach()');
 is(one(q{SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'portal\_sync\_capture\_%'
 	AND tgrelid IN ('ehr.lab_obs_2023'::regclass, 'ehr.lab_obs_2026'::regclass)}), 8,
