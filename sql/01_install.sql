@@ -23,7 +23,7 @@ FROM unnest(ARRAY['portal_sync.settings', 'portal_sync.source',
 				  'portal_sync.metrics']) AS n;
 SELECT n AS function, to_regprocedure(n) IS NOT NULL AS present
 FROM unnest(ARRAY['portal_sync.attach(regclass,text,name,name,name,name,text,text,text,name[])',
-				  'portal_sync.detach(regclass)',
+				  'portal_sync.detach(regclass,boolean)',
 				  'portal_sync.enroll(text)']) AS n;
 
 -- settings: one row with the documented defaults.

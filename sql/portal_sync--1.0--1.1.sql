@@ -477,6 +477,33 @@ JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_a
 LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum
 LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum;
 
+/* detach(..., retract): deletes of what the portal may hold, then forget */
+DROP FUNCTION portal_sync.detach(regclass);
+CREATE FUNCTION portal_sync.detach(source regclass, retract boolean DEFAULT false) RETURNS void
+	AS 'MODULE_PATHNAME', 'portal_sync_detach' LANGUAGE C STRICT;
+CREATE TABLE portal_sync.retraction (
+	source_id int PRIMARY KEY,
+	name text NOT NULL,
+	kind text NOT NULL,
+	requested_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.retraction', '');
+
+/*
+ * seq never goes backwards for a practice, also across DROP EXTENSION and
+ * CREATE EXTENSION (see portal_sync--1.1.sql): an updated installation
+ * moves its seqs up to the clock once, as a new one starts there.
+ */
+CREATE FUNCTION portal_sync.advance_seq_to_clock() RETURNS bigint
+LANGUAGE sql VOLATILE SET search_path = pg_catalog AS
+$$
+	SELECT pg_catalog.setval('portal_sync.outbox_seq',
+		GREATEST(s.last_value,
+				 ((EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) - 946684800) * 1000000)::bigint))
+	FROM portal_sync.outbox_seq s
+$$;
+SELECT portal_sync.advance_seq_to_clock();
+
 /* Nothing in the schema is for PUBLIC. */
 REVOKE ALL ON ALL TABLES IN SCHEMA portal_sync FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA portal_sync FROM PUBLIC;

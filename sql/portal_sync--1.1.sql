@@ -94,6 +94,26 @@ CREATE TABLE portal_sync.source (
  * WAL-logged: nothing captured is lost on a crash.
  */
 CREATE SEQUENCE portal_sync.outbox_seq;
+
+/*
+ * seq never goes backwards for a practice, also across DROP EXTENSION and
+ * CREATE EXTENSION: an installation starts its seqs at the microseconds
+ * since 2000-01-01 at its creation, above every seq an earlier
+ * installation of the database handed out unless that one averaged more
+ * than a million events a second over its whole life.  Seqs stay below
+ * 2^53, exact in every JSON parser, until the year 2285.  adopt() moves a
+ * copy's seqs up to its clock the same way, since the original may have
+ * gone on sending after the dump.
+ */
+CREATE FUNCTION portal_sync.advance_seq_to_clock() RETURNS bigint
+LANGUAGE sql VOLATILE SET search_path = pg_catalog AS
+$$
+	SELECT pg_catalog.setval('portal_sync.outbox_seq',
+		GREATEST(s.last_value,
+				 ((EXTRACT(EPOCH FROM pg_catalog.clock_timestamp()) - 946684800) * 1000000)::bigint))
+	FROM portal_sync.outbox_seq s
+$$;
+SELECT portal_sync.advance_seq_to_clock();
 CREATE TABLE portal_sync.outbox (
 	seq bigint PRIMARY KEY,
 	patient_id text COLLATE "C" NOT NULL,
@@ -208,7 +228,23 @@ CREATE TABLE portal_sync.skipped_row (
 	row_count bigint NOT NULL
 );
 
+/*
+ * retraction: tables detached with retract => true whose deletes are still
+ * being delivered.  detach() queues, in the outbox under the table's old
+ * source_id, a delete of every row of it the portal may hold; the worker
+ * sends every outbox entry of a retracted source as deletes, and forgets
+ * the retraction once none is left.  Name and kind are all it needs: the
+ * table itself may be gone by then.
+ */
+CREATE TABLE portal_sync.retraction (
+	source_id int PRIMARY KEY,
+	name text NOT NULL,
+	kind text NOT NULL,
+	requested_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.settings', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.retraction', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
@@ -233,7 +269,7 @@ CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'portal_sync_attach' LANGUAGE C CALLED ON NULL INPUT;
 
-CREATE FUNCTION portal_sync.detach(source regclass) RETURNS void
+CREATE FUNCTION portal_sync.detach(source regclass, retract boolean DEFAULT false) RETURNS void
 	AS 'MODULE_PATHNAME', 'portal_sync_detach' LANGUAGE C STRICT;
 
 CREATE FUNCTION portal_sync.enroll(patient_id text) RETURNS boolean

@@ -963,15 +963,19 @@ check_not_captured_partition(Relation rel)
 }
 
 /*
- * portal_sync.detach(source regclass)
+ * portal_sync.detach(source regclass, retract boolean DEFAULT false)
  *
- * Stop capturing a table: drop its triggers, its settings and the events
- * of it that were not sent yet.
+ * Stop capturing a table: drop its triggers and its settings.  Without
+ * retract, the portal keeps what it has and the events of the table not
+ * sent yet are dropped; with retract, a delete of every item of it the
+ * portal may hold is queued and delivered (retraction.c).  1.0's
+ * detach(regclass) calls this with one argument.
  */
 Datum
 portal_sync_detach(PG_FUNCTION_ARGS)
 {
 	Oid			relid = PG_GETARG_OID(0);
+	bool		retract = PG_NARGS() > 1 && PG_GETARG_BOOL(1);
 	Relation	rel = table_open(relid, ShareRowExclusiveLock);
 	ExtensionOwnerContext owner;
 	Oid			types[1] = {OIDOID};
@@ -988,9 +992,24 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	execute_with_args("DELETE FROM portal_sync.source WHERE relid = $1 RETURNING source_id",
+	execute_with_args("DELETE FROM portal_sync.source WHERE relid = $1"
+					  " RETURNING source_id, kind, name, patient_attnum, key_attnum",
 					  1, types, values, NULL, SPI_OK_DELETE_RETURNING);
-	if (SPI_processed > 0)
+	if (SPI_processed > 0 && retract)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		int32		source_id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
+		char	   *kind = SPI_getvalue(tuple, desc, 2);
+		char	   *name = SPI_getvalue(tuple, desc, 3);
+		AttrNumber	patient_attnum = DatumGetInt16(SPI_getbinval(tuple, desc, 4, &isnull));
+		AttrNumber	key_attnum = DatumGetInt16(SPI_getbinval(tuple, desc, 5, &isnull));
+
+		queue_retraction(rel, source_id, kind, name,
+						 get_attname(relid, patient_attnum, false),
+						 get_attname(relid, key_attnum, false));
+	}
+	else if (SPI_processed > 0)
 	{
 		types[0] = INT4OID;
 		values[0] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

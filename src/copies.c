@@ -59,7 +59,8 @@ portal_sync_database_identity(PG_FUNCTION_ARGS)
  * portal_sync.adopt() RETURNS void
  *
  * Make this copy a stream of its own: a new installation id (its event ids
- * can never collide with the original's), this database as its owner, and
+ * can never collide with the original's), this database as its owner, seqs
+ * above any the original may have sent after the copy was made, and
  * resync_all(), so that whichever portal it delivers to gets the copy's
  * whole record.  Superuser only; refused in a
  * database that is not a copy.
@@ -90,6 +91,9 @@ portal_sync_adopt(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("this database is not a copy: its portal_sync stream is its own"),
 				 errhint("portal_sync.adopt() is for a database copied with CREATE DATABASE ... TEMPLATE or restored from a dump, whose status says needs_adoption.")));
+	/* the original may have sent on after the dump: seqs go on above it */
+	if (SPI_execute("SELECT portal_sync.advance_seq_to_clock()", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "moving the copy's seqs up failed");
 	/* as resync_all(): every enrolled patient's record, everyone's insurance */
 	if (SPI_execute("SELECT portal_sync.resync_all()", false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "queueing the copy's snapshots failed");

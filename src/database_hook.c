@@ -231,6 +231,9 @@ portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
 	volatile Oid dboid = InvalidOid;
 	volatile int pause_index = -1;
 
+	/* what a database or a role cannot hold is refused before it is stored */
+	database_settings_check_utility(pstmt->utilityStmt);
+
 	if (portal_sync_shared != NULL)
 		dboid = database_needing_exclusivity(pstmt->utilityStmt);
 	if (OidIsValid(dboid) && pg_database_ownercheck(dboid, GetUserId()))

@@ -108,6 +108,7 @@ typedef struct DeliveryUnit
 	int			nreused;		/* failed batches sent again as they were */
 	int		   *reused_counts;	/* ... the events of each (0: not again) */
 	bool		snapshot_accepted;	/* a snapshot_end was accepted */
+	bool		has_retractions;	/* some source is being retracted */
 } DeliveryUnit;
 
 /*

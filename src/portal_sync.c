@@ -67,12 +67,18 @@ show_auth_token(void)
 static void
 define_settings(void)
 {
+	/*
+	 * Per database (database_settings.c): a superuser may ALTER DATABASE
+	 * ... SET endpoint, auth_token_file, ca_file and compression.  The token
+	 * itself stays in postgresql.conf: pg_db_role_setting is readable by
+	 * every role.
+	 */
 	DefineCustomStringVariable("portal_sync.endpoint",
 							   "URL the delivery workers POST batches to.",
 							   "Empty: workers idle and events keep queueing.",
 							   &portal_sync_endpoint,
 							   "",
-							   PGC_SIGHUP, 0,
+							   PGC_SUSET, 0,
 							   NULL, NULL, NULL);
 
 	DefineCustomStringVariable("portal_sync.auth_token",
@@ -89,7 +95,7 @@ define_settings(void)
 							   NULL,
 							   &portal_sync_auth_token_file,
 							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   PGC_SUSET, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 
 	DefineCustomStringVariable("portal_sync.ca_file",
@@ -97,7 +103,7 @@ define_settings(void)
 							   "Empty: the system's CA bundle.",
 							   &portal_sync_ca_file,
 							   "",
-							   PGC_SIGHUP, 0,
+							   PGC_SUSET, 0,
 							   NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("portal_sync.allow_insecure_http",
@@ -108,7 +114,7 @@ define_settings(void)
 							 PGC_SIGHUP, 0,
 							 NULL, NULL, NULL);
 
-	/* per database: a superuser may ALTER DATABASE ... SET it */
+	/* per database, like endpoint */
 	DefineCustomEnumVariable("portal_sync.compression",
 							 "Compression of the bodies POSTed to the portal.",
 							 "gzip: Content-Encoding: gzip; off: plain JSON.",

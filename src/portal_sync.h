@@ -36,6 +36,11 @@ extern int	portal_sync_compression;
 extern int	portal_sync_batch_size;
 extern int	portal_sync_max_inflight;
 
+/* Per-database settings (database_settings.c) */
+extern void database_settings_check_utility(Node *statement);
+extern void database_settings_inherit(void);
+extern bool database_settings_apply(void);
+
 /* The most portal_sync.max_inflight allows. */
 #define MAX_INFLIGHT_LIMIT	64
 
@@ -145,6 +150,10 @@ extern char *value_text(Datum value, Oid base_type, FmgrInfo *output);
 /* copies.c */
 extern const char *database_identity(void);
 extern void outbox_note_settings_changed(void);
+
+/* detach(..., retract => true) (retraction.c) */
+extern void queue_retraction(Relation rel, int32 source_id, const char *kind, const char *name,
+							 const char *patient_col, const char *key_col);
 
 /* Enrollment (enroll.c) */
 extern bool patient_is_enrolled(const char *patient_id);

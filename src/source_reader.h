@@ -45,6 +45,8 @@ typedef struct WorkerSource
 	SourceStatement row_sizes;	/* the size of rows' data, by key */
 	SourceStatement chart;		/* kind patient only */
 	SourceStatement requeue_documents;	/* kind ccda only: send them again */
+	bool		retracting;		/* detached with retract: deletes only, no
+								 * table and no statements */
 } WorkerSource;
 
 /* A row read by key; entries of a string map keyed by the row's key. */

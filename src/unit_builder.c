@@ -117,7 +117,8 @@ typedef struct UnitBuilder
 {
 	DeliveryUnit *unit;
 	SharingSettings *settings;
-	List	   *sources;		/* of SourceRows */
+	List	   *sources;		/* of SourceRows, attached tables */
+	List	   *retracting;		/* of SourceRows, sources being retracted */
 	WorkerSource *chart_source;
 	HTAB	   *patients;		/* of PatientState */
 	HTAB	   *emitted;		/* of EmittedItem */
@@ -265,7 +266,8 @@ read_outbox_entries(DeliveryUnit *unit, int limit)
 }
 
 /*
- * The attached source with this id, or NULL if it was detached.
+ * The attached or retracted source with this id, or NULL if it was
+ * detached.
  */
 static SourceRows *
 find_source(UnitBuilder *builder, int32 source_id)
@@ -273,6 +275,13 @@ find_source(UnitBuilder *builder, int32 source_id)
 	ListCell   *lc;
 
 	foreach(lc, builder->sources)
+	{
+		SourceRows *source_rows = lfirst(lc);
+
+		if (source_rows->source->source_id == source_id)
+			return source_rows;
+	}
+	foreach(lc, builder->retracting)
 	{
 		SourceRows *source_rows = lfirst(lc);
 
@@ -397,6 +406,16 @@ load_sources(UnitBuilder *builder)
 		source_rows->snapshot_rows = string_map_create("portal_sync snapshot rows",
 													   sizeof(SnapshotRows),
 													   CurrentMemoryContext);
+		/*
+		 * A retracted source has no rows to read: every key of it is found
+		 * missing, and so goes as a delete; it is in no snapshot.
+		 */
+		if (source->retracting)
+		{
+			builder->retracting = lappend(builder->retracting, source_rows);
+			builder->unit->has_retractions = true;
+			continue;
+		}
 		builder->sources = lappend(builder->sources, source_rows);
 		if (source->kind == SOURCE_PATIENT && builder->chart_source == NULL)
 			builder->chart_source = source;
@@ -1270,7 +1289,8 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	 * resumed snapshot keeps its older seq).  C-CDA documents are not in
 	 * snapshots: they wait for its acceptance.
 	 */
-	if (patient->enrolled && !patient->waiting && entry_index < patient->last_request)
+	if (patient->enrolled && !patient->waiting && entry_index < patient->last_request &&
+		!source_rows->source->retracting)
 	{
 		if (source_rows->source->kind == SOURCE_CCDA)
 			builder->unit->held++;
@@ -1279,7 +1299,8 @@ serve_entry(UnitBuilder *builder, int entry_index)
 		return;
 	}
 
-	if (!patient->enrolled && source_rows->source->kind == SOURCE_PATIENT)
+	if (!patient->enrolled && source_rows->source->kind == SOURCE_PATIENT &&
+		!source_rows->source->retracting)
 	{
 		emit_insurance_of_patient(builder, entry_index, patient);
 		return;

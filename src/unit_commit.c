@@ -76,6 +76,21 @@ apply_consumption(DeliveryUnit *unit, DeliveryEvent *event)
 }
 
 /*
+ * A retraction whose deletes have all been delivered (or dead-lettered) is
+ * over: the source is forgotten, and the worker's source list loses it.
+ */
+static void
+forget_finished_retractions(void)
+{
+	execute_or_fail("DELETE FROM portal_sync.retraction r"
+					" WHERE NOT EXISTS (SELECT 1 FROM portal_sync.outbox o"
+					"                   WHERE o.source_id = r.source_id)",
+					0, NULL, NULL, NULL, SPI_OK_DELETE);
+	if (SPI_processed > 0)
+		worker_sources_forget();
+}
+
+/*
  * Write back the entries whose consumption changed: delete the finished
  * ones, shorten the others to the keys still owed.
  */
@@ -128,6 +143,8 @@ write_back_entries(DeliveryUnit *unit)
 
 		execute_or_fail("DELETE FROM portal_sync.outbox WHERE seq = ANY ($1)",
 						1, types, values, NULL, SPI_OK_DELETE);
+		if (unit->has_retractions)
+			forget_finished_retractions();
 	}
 }
 
@@ -277,7 +294,7 @@ apply_accepted_ends(AcceptedEnds *ends)
 	{
 		WorkerSource *source = lfirst(lc);
 
-		if (source->kind == SOURCE_CCDA)
+		if (source->kind == SOURCE_CCDA && !source->retracting)
 			requeue_documents(source, ends->patients, ends->count);
 	}
 	hash_destroy(ends->index);

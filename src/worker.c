@@ -1065,8 +1065,9 @@ retry_batch_later(DeliveryState *delivery, Lane *lane, TimestampTz sent_at,
 
 /*
  * The portal answered 415 to a compressed body: it gets plain JSON from
- * now on, until the next reload, and the DBA can see why.  The batch is
- * sent again at once, with the same batch_id: its JSON is the same.
+ * now on, until the next reload (or change of the database's settings),
+ * and the DBA can see why.  The batch is sent again at once, with the same
+ * batch_id: its JSON is the same.
  */
 static void
 stop_compressing(DeliveryState *delivery)
@@ -1075,7 +1076,8 @@ stop_compressing(DeliveryState *delivery)
 	LWLockAcquire(portal_sync_shared->lock, LW_EXCLUSIVE);
 	strlcpy(my_slot->last_error,
 			"the portal answered HTTP 415 to a gzip-compressed body: sending uncompressed bodies"
-			" until the next configuration reload (set portal_sync.compression = off to keep it so)",
+			" until the next configuration reload or ALTER DATABASE ... SET"
+			" (set portal_sync.compression = off to keep it so)",
 			WORKER_ERROR_LEN);
 	my_slot->last_error_at = GetCurrentTimestamp();
 	LWLockRelease(portal_sync_shared->lock);
@@ -1412,6 +1414,8 @@ portal_sync_worker_main(Datum arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
+	/* before the database's settings apply: see database_settings.c */
+	database_settings_inherit();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
@@ -1490,6 +1494,8 @@ portal_sync_worker_main(Datum arg)
 	/* the first request finds out whether the portal works */
 	delivery.probing = true;
 	http_init();
+	/* the database's own endpoint, token file, CA and compression */
+	(void) database_settings_apply();
 	(void) load_token(&delivery);
 	step_context = AllocSetContextCreate(TopMemoryContext, "portal_sync step",
 										 ALLOCSET_DEFAULT_SIZES);
@@ -1524,6 +1530,14 @@ portal_sync_worker_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+
+			/*
+			 * Also sent by the commit of an ALTER DATABASE … SET: the
+			 * database's settings are read again.  A new portal is probed
+			 * like the first one.
+			 */
+			if (database_settings_apply())
+				delivery.probing = true;
 			if (!load_token(&delivery))
 			{
 				sleep_ms = SWEEP_INTERVAL_MS;

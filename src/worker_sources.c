@@ -5,7 +5,8 @@
  *
  * Loading the list generates every statement the worker runs on the
  * attached tables (source_reader.c), each then parsed once and kept
- * (planned at each run).  The list stays until an invalidation says it may be stale:
+ * (planned at each run), and adds the sources being retracted
+ * (retraction.c), which have no table and no statements.  The list stays until an invalidation says it may be stale:
  * a relcache invalidation of an attached table (attach, detach and every
  * ALTER TABLE send one) or of portal_sync.source, or a syscache
  * invalidation of a schema, a type or a function (their names are in the
@@ -18,6 +19,8 @@
  */
 #include "postgres.h"
 
+#include "executor/spi.h"
+#include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
@@ -71,6 +74,38 @@ sources_syscache_invalidate(Datum arg, int cacheid, uint32 hashvalue)
 }
 
 /*
+ * The sources being retracted (detach with retract => true): only their id,
+ * name and kind, for the deletes the worker still sends of them.
+ */
+static List *
+load_retracting_sources(void)
+{
+	List	   *retracting = NIL;
+	int			ret;
+
+	ret = spi_query("SELECT source_id, name, kind FROM portal_sync.retraction ORDER BY source_id",
+					0, NULL, NULL, NULL, true);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading portal_sync.retraction failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		WorkerSource *source = palloc0(sizeof(WorkerSource));
+
+		source->source_id = pg_strtoint32(SPI_getvalue(tuple, desc, 1));
+		source->name = SPI_getvalue(tuple, desc, 2);
+		source->kind_name = SPI_getvalue(tuple, desc, 3);
+		if (!source_kind_from_name(source->kind_name, &source->kind))
+			elog(ERROR, "portal_sync.retraction holds an unknown kind");
+		source->relid = InvalidOid;
+		source->retracting = true;
+		retracting = lappend(retracting, source);
+	}
+	return retracting;
+}
+
+/*
  * Load the list and remember what it depends on.  Marked valid before the
  * load: an invalidation that arrives during it marks it stale again.
  */
@@ -96,7 +131,7 @@ load_sources(void)
 	{
 		oldcontext = MemoryContextSwitchTo(sources_context);
 		source_table_relid = portal_sync_relid("source");
-		sources = load_worker_sources();
+		sources = list_concat(load_worker_sources(), load_retracting_sources());
 		source_relids = palloc(Max(list_length(sources), 1) * sizeof(Oid));
 		foreach(lc, sources)
 			source_relids[i++] = ((WorkerSource *) lfirst(lc))->relid;
