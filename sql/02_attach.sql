@@ -206,6 +206,7 @@ CREATE TABLE scratch.part (id int PRIMARY KEY, pid int, d date) PARTITION BY RAN
 CREATE TABLE scratch.part_1 PARTITION OF scratch.part FOR VALUES FROM (1) TO (1000);
 CREATE TABLE scratch.part_2 PARTITION OF scratch.part FOR VALUES FROM (1000) TO (2000);
 CREATE INDEX ON scratch.part (pid);
+-- a partition is refused: attach its partitioned table
 SELECT portal_sync.attach('scratch.part_1', 'clinical', 'pid');
 \echo :SQLSTATE
 CREATE VIEW scratch.v AS SELECT * FROM scratch.t;
@@ -248,11 +249,28 @@ SELECT portal_sync.attach('scratch.t', 'clinical', 'pid', date_col => 'd', priva
 SELECT name, source, kind, patient_col, key_col, date_col, privacy_col, share_when, enroll_when
 FROM portal_sync.sources WHERE name = 'scratch_t';
 
--- A partitioned table is refused too: statement triggers on it would not
--- see statements that name one of its partitions.
+-- A partitioned table is attached as a whole: it and every partition get
+-- the capture triggers (a statement fires those of the table it names).
 SELECT portal_sync.attach('scratch.part', 'insurance', 'pid', date_col => 'd');
-\echo :SQLSTATE
 SELECT name FROM portal_sync.sources WHERE name = 'part';
+SELECT tgrelid::regclass, count(*) FROM pg_trigger
+WHERE tgname LIKE 'portal\_sync\_capture\_%' AND tgrelid::regclass::text LIKE 'scratch.part%'
+GROUP BY 1 ORDER BY 1;
+SELECT portal_sync.detach('scratch.part');
+SELECT count(*) FROM pg_trigger
+WHERE tgname LIKE 'portal\_sync\_capture\_%' AND tgrelid::regclass::text LIKE 'scratch.part%';
+-- Its unique indexes must hold the partition key: a key unique only with
+-- it is accepted with a notice (its values must not repeat across
+-- partitions); a key without such an index is refused.
+CREATE TABLE scratch.dated (id bigint, pid int, taken_on date, note text,
+							PRIMARY KEY (id, taken_on)) PARTITION BY RANGE (taken_on);
+CREATE TABLE scratch.dated_2025 PARTITION OF scratch.dated
+	FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE INDEX ON scratch.dated (pid);
+SELECT portal_sync.attach('scratch.dated', 'clinical', 'pid');
+SELECT portal_sync.attach('scratch.dated', 'clinical', 'pid', key_col => 'note');
+\echo :SQLSTATE
+SELECT portal_sync.detach('scratch.dated');
 
 -- A warning when the patient column has no index (leading column of one).
 CREATE TABLE scratch.noidx (id int PRIMARY KEY, pid int, other int);

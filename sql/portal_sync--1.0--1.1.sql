@@ -54,16 +54,19 @@ CREATE TABLE portal_sync.rule_error (
  * DISABLE TRIGGER, pg_restore --disable-triggers left behind), set to
  * fire on replicas only, or missing; every table when the sessions'
  * default session_replication_role is replica (the triggers fire in
- * origin mode).
+ * origin mode).  For a partitioned table, each of its partitions whose
+ * capture cannot fire is named.
  */
 CREATE FUNCTION portal_sync.capture_disabled_tables() RETURNS text[]
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS
 $$
-SELECT COALESCE(array_agg(s.relid::regclass::text ORDER BY s.relid::regclass::text), '{}')
+SELECT COALESCE(array_agg(r.relid::regclass::text ORDER BY r.relid::regclass::text), '{}')
 FROM portal_sync.source s
+CROSS JOIN LATERAL (SELECT s.relid
+					UNION SELECT p.relid FROM pg_partition_tree(s.relid) p) r(relid)
 WHERE (SELECT g.reset_val FROM pg_settings g WHERE g.name = 'session_replication_role') = 'replica'
    OR (SELECT count(*) FROM pg_trigger t
-	   WHERE t.tgrelid = s.relid AND t.tgname LIKE 'portal\_sync\_capture\_%'
+	   WHERE t.tgrelid = r.relid AND t.tgname LIKE 'portal\_sync\_capture\_%'
 		 AND t.tgenabled IN ('O', 'A')) < 4
 $$;
 

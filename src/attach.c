@@ -12,6 +12,11 @@
  * in data (the columns argument, the minimum-necessary list) are kept and
  * protected the same way.
  *
+ * A partitioned table is attached as one source: its partitions, at every
+ * level, get the capture triggers too (statement triggers fire only on the
+ * table a statement names), and partitions.c gives them to partitions
+ * created or attached later.  A partition itself cannot be attached.
+ *
  * Copyright (c) 2026, portal_sync developers
  *
  *-------------------------------------------------------------------------
@@ -23,6 +28,8 @@
 #include "catalog/catalog.h"
 #include "catalog/dependency.h"
 #include "catalog/namespace.h"
+#include "catalog/partition.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
@@ -35,6 +42,7 @@
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/partcache.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 
@@ -109,34 +117,112 @@ column_base_type(Relation rel, AttrNumber attnum)
 }
 
 /*
- * Is there a valid, immediate, non-partial unique index on exactly this
- * column?  Delivery finds a row again by its key, so it must name one row.
+ * Is this column one of the partition key's columns of a partitioned
+ * table?  (A unique index of a partitioned table must hold them all.)
  */
 static bool
-column_has_unique_index(Relation rel, AttrNumber attnum)
+is_partition_key_column(Relation rel, AttrNumber attnum)
+{
+	PartitionKey key;
+
+	if (rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
+		return false;
+	key = RelationGetPartitionKey(rel);
+	for (int i = 0; i < key->partnatts; i++)
+	{
+		if (key->partattrs[i] == attnum)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * The column a unique index makes identify one row, or InvalidAttrNumber:
+ * the index's only column, or, on a partitioned table, its only column
+ * outside the partition key (*with_partition_key is then set).  PostgreSQL
+ * lets a unique index of a partitioned table hold the partition key only,
+ * so (id, taken_on) is what a date-partitioned table can have; id alone is
+ * unique only if its values never repeat across partitions, which the
+ * caller says.
+ */
+static AttrNumber
+index_key_column(Relation rel, Form_pg_index index, bool *with_partition_key)
+{
+	AttrNumber	column = InvalidAttrNumber;
+
+	*with_partition_key = false;
+	if (index->indnkeyatts == 1)
+		return index->indkey.values[0];
+	for (int i = 0; i < index->indnkeyatts; i++)
+	{
+		AttrNumber	attnum = index->indkey.values[i];
+
+		if (attnum == 0)
+			return InvalidAttrNumber;	/* an expression */
+		if (is_partition_key_column(rel, attnum))
+			continue;
+		if (column != InvalidAttrNumber)
+			return InvalidAttrNumber;	/* two columns of its own */
+		column = attnum;
+	}
+	*with_partition_key = column != InvalidAttrNumber;
+	return column;
+}
+
+/*
+ * Is there a valid, immediate, non-partial unique index that makes this
+ * column identify one row (see index_key_column)?  Delivery finds a row
+ * again by its key, so it must name one row.  An index on the column
+ * alone is preferred; *with_partition_key says that only one with the
+ * partition key exists.
+ */
+static bool
+column_has_unique_index(Relation rel, AttrNumber attnum, bool *with_partition_key)
 {
 	List	   *indexes = RelationGetIndexList(rel);
 	ListCell   *lc;
-	bool		found = false;
+	bool		alone = false;
+	bool		with_key = false;
 
 	foreach(lc, indexes)
 	{
 		HeapTuple	tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
 		Form_pg_index index;
+		bool		this_with_key;
 
 		if (!HeapTupleIsValid(tuple))
 			continue;
 		index = (Form_pg_index) GETSTRUCT(tuple);
 		if (index->indisunique && index->indisvalid && index->indimmediate &&
-			index->indnkeyatts == 1 && index->indkey.values[0] == attnum &&
-			heap_attisnull(tuple, Anum_pg_index_indpred, NULL))
-			found = true;
+			heap_attisnull(tuple, Anum_pg_index_indpred, NULL) &&
+			index_key_column(rel, index, &this_with_key) == attnum)
+		{
+			if (this_with_key)
+				with_key = true;
+			else
+				alone = true;
+		}
 		ReleaseSysCache(tuple);
-		if (found)
-			break;
 	}
 	list_free(indexes);
-	return found;
+	*with_partition_key = with_key && !alone;
+	return alone || with_key;
+}
+
+/*
+ * Say that a partitioned table's key is unique only with the partition
+ * key: attach accepts it, and the DBA must keep it unique across
+ * partitions (one sequence for the whole table).
+ */
+static void
+notice_key_with_partition_key(Relation rel, AttrNumber attnum)
+{
+	ereport(NOTICE,
+			(errmsg("key_col \"%s\" of partitioned table \"%s\" is unique only together with the partition key",
+					get_attname(RelationGetRelid(rel), attnum, false),
+					RelationGetRelationName(rel)),
+			 errdetail("The portal knows a row by its key alone: its values must never repeat across partitions."),
+			 errhint("Give the key its values from one sequence for the whole table (DEFAULT nextval(...)).")));
 }
 
 /*
@@ -166,7 +252,9 @@ column_leads_an_index(Relation rel, AttrNumber attnum)
 }
 
 /*
- * The single column of the table's primary key, the default key_col.
+ * The single column of the table's primary key, the default key_col; on
+ * a partitioned table, the primary key's only column outside the
+ * partition key.
  */
 static AttrNumber
 primary_key_column(Relation rel)
@@ -174,16 +262,15 @@ primary_key_column(Relation rel)
 	Oid			pk = RelationGetPrimaryKeyIndex(rel);
 	HeapTuple	tuple;
 	AttrNumber	attnum = InvalidAttrNumber;
+	bool		with_partition_key = false;
 
 	if (OidIsValid(pk))
 	{
 		tuple = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(pk));
 		if (HeapTupleIsValid(tuple))
 		{
-			Form_pg_index index = (Form_pg_index) GETSTRUCT(tuple);
-
-			if (index->indnkeyatts == 1)
-				attnum = index->indkey.values[0];
+			attnum = index_key_column(rel, (Form_pg_index) GETSTRUCT(tuple),
+									  &with_partition_key);
 			ReleaseSysCache(tuple);
 		}
 	}
@@ -193,6 +280,8 @@ primary_key_column(Relation rel)
 				 errmsg("relation \"%s\" has no single-column primary key",
 						RelationGetRelationName(rel)),
 				 errhint("Give key_col, a column with a unique index.")));
+	if (with_partition_key)
+		notice_key_with_partition_key(rel, attnum);
 	return attnum;
 }
 
@@ -204,16 +293,24 @@ check_relation(Relation rel)
 {
 	Form_pg_class form = RelationGetForm(rel);
 
-	if (form->relkind == RELKIND_PARTITIONED_TABLE || form->relispartition)
+	if (form->relispartition)
+	{
+		Oid			root = llast_oid(get_partition_ancestors(RelationGetRelid(rel)));
+
 		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("\"%s\" is partitioned or a partition", RelationGetRelationName(rel)),
-				 errdetail("Statements that name a partition would not be captured.")));
-	if (form->relkind != RELKIND_RELATION)
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is a partition of \"%s\"", RelationGetRelationName(rel),
+						get_rel_name(root)),
+				 errdetail("A partitioned table is attached as a whole."),
+				 errhint("Attach the partitioned table %s: every partition, present or created later, is captured with it.",
+						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(root)),
+													get_rel_name(root)))));
+	}
+	if (form->relkind != RELKIND_RELATION && form->relkind != RELKIND_PARTITIONED_TABLE)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("\"%s\" is not a table", RelationGetRelationName(rel)),
-				 errdetail("Only ordinary tables can be attached.")));
+				 errdetail("Only ordinary and partitioned tables can be attached.")));
 	if (form->relpersistence == RELPERSISTENCE_TEMP)
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
@@ -323,13 +420,19 @@ check_attach_request(Relation rel, FunctionCallInfo fcinfo, AttachRequest *req)
 		req->key_attnum = primary_key_column(rel);
 	else
 	{
+		bool		with_partition_key;
+
 		req->key_attnum = required_column(rel, NameStr(*PG_GETARG_NAME(3)), "key_col");
-		if (!column_has_unique_index(rel, req->key_attnum))
+		if (!column_has_unique_index(rel, req->key_attnum, &with_partition_key))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
 					 errmsg("key_col \"%s\" has no unique index of its own",
 							NameStr(*PG_GETARG_NAME(3))),
+					 rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE ?
+					 errhint("A key column must identify one row: create a unique index on it and the partition key's columns.") :
 					 errhint("A key column must identify one row: create a unique index on it alone.")));
+		if (with_partition_key)
+			notice_key_with_partition_key(rel, req->key_attnum);
 	}
 
 	req->date_attnum = InvalidAttrNumber;
@@ -627,11 +730,24 @@ store_source(AttachRequest *req)
 }
 
 /*
- * Drop the capture triggers of a table, those that exist.
+ * The schema-qualified, quoted name of a relation, for generated SQL.
  */
-static void
-drop_capture_triggers(Oid relid, const char *qualified_name)
+static char *
+relation_qualified_name(Oid relid)
 {
+	return quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+									  get_rel_name(relid));
+}
+
+/*
+ * Drop the capture triggers of one table, those that exist.  The caller
+ * is connected to SPI, as the extension's owner.
+ */
+void
+drop_capture_triggers(Oid relid)
+{
+	char	   *qualified_name = relation_qualified_name(relid);
+
 	for (int i = 0; i < lengthof(capture_triggers); i++)
 	{
 		char	   *sql;
@@ -644,6 +760,51 @@ drop_capture_triggers(Oid relid, const char *qualified_name)
 		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
 			elog(ERROR, "dropping trigger %s failed", capture_triggers[i].name);
 	}
+}
+
+/*
+ * Create the capture triggers of one table that it does not have yet (a
+ * partition of an attached table, or the attached table itself).  The
+ * caller is connected to SPI, as the extension's owner.
+ */
+void
+add_capture_triggers(Oid relid)
+{
+	char	   *qualified_name = relation_qualified_name(relid);
+	bool		created = false;
+
+	for (int i = 0; i < lengthof(capture_triggers); i++)
+	{
+		char	   *event;
+		bool		before;
+		char	   *sql;
+
+		if (OidIsValid(get_trigger_oid(relid, capture_triggers[i].name, true)))
+			continue;
+		created = true;
+		event = psprintf(capture_triggers[i].definition, qualified_name);
+		before = strncmp(event, "TRUNCATE", 8) == 0;
+		sql = psprintf("CREATE TRIGGER %s %s %s FOR EACH STATEMENT"
+					   " EXECUTE FUNCTION portal_sync.capture()",
+					   quote_identifier(capture_triggers[i].name),
+					   before ? "BEFORE" : "AFTER", event);
+		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "creating trigger %s failed", capture_triggers[i].name);
+	}
+	if (created)
+		CommandCounterIncrement();
+}
+
+/*
+ * Every partition of a table, at every level, without the table itself
+ * (NIL for a table that is not partitioned), locked in the given mode.
+ */
+List *
+partitions_of(Oid relid, LOCKMODE lockmode)
+{
+	if (get_rel_relkind(relid) != RELKIND_PARTITIONED_TABLE)
+		return NIL;
+	return list_delete_first(find_all_inheritors(relid, lockmode, NULL));
 }
 
 /*
@@ -686,25 +847,51 @@ record_column_dependencies(AttachRequest *req)
 }
 
 /*
- * Create the capture triggers of a table.
+ * Create the capture triggers of a table and, for a partitioned table, of
+ * every partition: a statement fires the triggers of the table it names
+ * only.  Re-attaching replaces them.
  */
 static void
 create_capture_triggers(AttachRequest *req)
 {
-	for (int i = 0; i < lengthof(capture_triggers); i++)
-	{
-		char	   *event = psprintf(capture_triggers[i].definition, req->qualified_name);
-		bool		before = strncmp(event, "TRUNCATE", 8) == 0;
-		char	   *sql = psprintf("CREATE TRIGGER %s %s %s FOR EACH STATEMENT"
-								   " EXECUTE FUNCTION portal_sync.capture()",
-								   quote_identifier(capture_triggers[i].name),
-								   before ? "BEFORE" : "AFTER", event);
+	ListCell   *lc;
 
-		if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY)
-			elog(ERROR, "creating trigger %s failed", capture_triggers[i].name);
-	}
-	CommandCounterIncrement();
+	drop_capture_triggers(req->relid);
+	add_capture_triggers(req->relid);
 	record_column_dependencies(req);
+	foreach(lc, partitions_of(req->relid, ShareRowExclusiveLock))
+	{
+		drop_capture_triggers(lfirst_oid(lc));
+		add_capture_triggers(lfirst_oid(lc));
+		CacheInvalidateRelcacheByRelid(lfirst_oid(lc));
+	}
+}
+
+/*
+ * Refuse a partitioned table one of whose partitions is attached on its
+ * own (it was attached before it became a partition): its rows would be
+ * two sources at once.
+ */
+static void
+check_no_attached_partition(AttachRequest *req)
+{
+	List	   *partitions = partitions_of(req->relid, NoLock);
+	ListCell   *lc;
+
+	foreach(lc, partitions)
+	{
+		Oid			types[1] = {OIDOID};
+		Datum		values[1] = {ObjectIdGetDatum(lfirst_oid(lc))};
+
+		execute_with_args("SELECT 1 FROM portal_sync.source WHERE relid = $1",
+						  1, types, values, NULL, SPI_OK_SELECT);
+		if (SPI_processed > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("partition \"%s\" of \"%s\" is attached to portal_sync on its own",
+							get_rel_name(lfirst_oid(lc)), get_rel_name(req->relid)),
+					 errhint("Detach it with portal_sync.detach(), then attach the partitioned table.")));
+	}
 }
 
 /*
@@ -739,8 +926,8 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 	check_single_chart(&req);
 	check_patient_type(&req, rel);
 	check_key_type(&req, rel);
+	check_no_attached_partition(&req);
 	store_source(&req);
-	drop_capture_triggers(req.relid, req.qualified_name);
 	create_capture_triggers(&req);
 
 	SPI_finish();
@@ -751,6 +938,28 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 	CacheInvalidateRelcacheByRelid(portal_sync_relid("source"));
 	table_close(rel, NoLock);
 	PG_RETURN_VOID();
+}
+
+/*
+ * Refuse to detach a partition of an attached table: it is captured with
+ * its partitioned table, and dropping its triggers alone would silently
+ * stop capturing its rows.
+ */
+static void
+check_not_captured_partition(Relation rel)
+{
+	SourceConfig *config;
+
+	if (!rel->rd_rel->relispartition)
+		return;
+	config = source_config_lookup(RelationGetRelid(rel));
+	if (config != NULL && config->attached_relid != RelationGetRelid(rel))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is a partition of the attached table \"%s\"",
+						RelationGetRelationName(rel), get_rel_name(config->attached_relid)),
+				 errhint("Detach the partitioned table %s, or take the partition out of it with ALTER TABLE ... DETACH PARTITION.",
+						 relation_qualified_name(config->attached_relid))));
 }
 
 /*
@@ -771,14 +980,13 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 	ExtensionOwnerContext owner;
 	Oid			types[1] = {OIDOID};
 	Datum		values[1] = {ObjectIdGetDatum(relid)};
-	char	   *qualified_name;
 	bool		isnull;
+	ListCell   *lc;
 
 	if (!pg_class_ownercheck(relid, GetUserId()))
 		aclcheck_error(ACLCHECK_NOT_OWNER, get_relkind_objtype(rel->rd_rel->relkind),
 					   RelationGetRelationName(rel));
-	qualified_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-												RelationGetRelationName(rel));
+	check_not_captured_partition(rel);
 
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -812,7 +1020,13 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("\"%s\" is not attached to portal_sync", RelationGetRelationName(rel))));
-	drop_capture_triggers(relid, qualified_name);
+	drop_capture_triggers(relid);
+	/* and from every partition of a partitioned table */
+	foreach(lc, partitions_of(relid, ShareRowExclusiveLock))
+	{
+		drop_capture_triggers(lfirst_oid(lc));
+		CacheInvalidateRelcacheByRelid(lfirst_oid(lc));
+	}
 
 	SPI_finish();
 	restore_user(&owner);

@@ -19,6 +19,13 @@
  * they are inserted satisfying enroll_when, or updated from not satisfying
  * it to satisfying it.
  *
+ * A partitioned table and each of its partitions have the triggers: a
+ * statement naming the partitioned table fires its triggers only (with
+ * every row it changed, in any partition, also rows an UPDATE moved to
+ * another partition), a statement naming a partition fires that
+ * partition's.  Each finds its settings, in its own row format, through
+ * source_config_lookup.
+ *
  * Copyright (c) 2026, portal_sync developers
  *
  *-------------------------------------------------------------------------
@@ -35,6 +42,7 @@
 #include "utils/datum.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
+#include "storage/proc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -508,48 +516,104 @@ capture_statement(CaptureState *state, Relation rel,
 }
 
 /*
- * TRUNCATE is about to remove every row at once.  Insurance rows are sent
- * whether the patient is enrolled or not, so each of them is reported
- * gone; for the other kinds, every enrolled patient's snapshot is
- * requested again, which tells the portal to drop what it no longer holds.
+ * The transaction (and subtransaction) that last queued the snapshots of
+ * every enrolled patient because rows went all at once.  A TRUNCATE of a
+ * partitioned table fires the trigger of each of its partitions, and a
+ * snapshot is read when it is sent, after commit: one set of snapshots
+ * per transaction is enough.
+ */
+static LocalTransactionId resync_queued_lxid = InvalidLocalTransactionId;
+static SubTransactionId resync_queued_subxid = InvalidSubTransactionId;
+
+/*
+ * The SQL text of column "column" of row t as capture writes it into the
+ * outbox (see value_text.c).
+ */
+static char *
+column_text_sql(Oid relid, AttrNumber attnum)
+{
+	const char *column = quote_identifier(get_attname(relid, attnum, false));
+
+	if (type_needs_value_text(getBaseType(get_atttype(relid, attnum))))
+		return psprintf("portal_sync.value_text(t.%s)", column);
+	return psprintf("t.%s::pg_catalog.text", column);
+}
+
+/*
+ * Every row of a table comes or goes at once: op is OUTBOX_OP_DELETE for
+ * a TRUNCATE (before it runs: the rows are still there) or a DROP of a
+ * partition, OUTBOX_OP_INSERT for a table attached as a partition (ALTER
+ * TABLE ... ATTACH PARTITION).  Insurance rows are sent whether the
+ * patient is enrolled or not, so each of them is reported; for the other
+ * kinds, rows that go request every enrolled patient's snapshot again,
+ * which tells the portal to drop what it no longer holds, and rows that
+ * come are reported for the patients whose changes are recorded (as an
+ * INSERT of them would, except that they enroll nobody: they are not new
+ * appointments or documents, only rows moved in).
  */
 static void
-capture_truncate(SourceConfig *config, Relation rel)
+capture_whole_table(SourceConfig *config, Relation rel, char op)
 {
 	ExtensionOwnerContext owner;
+	bool		every_patient = config->kind == SOURCE_INSURANCE ||
+		config->kind == SOURCE_PATIENT;
 
 	become_extension_owner(&owner);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (config->kind == SOURCE_INSURANCE)
+	if (config->kind == SOURCE_INSURANCE || op == OUTBOX_OP_INSERT)
 	{
 		Oid			relid = RelationGetRelid(rel);
 		const char *patient = quote_identifier(get_attname(relid, config->patient_attnum, false));
 		const char *key = quote_identifier(get_attname(relid, config->key_attnum, false));
-		Oid			types[1] = {INT4OID};
-		Datum		values[1] = {Int32GetDatum(config->source_id)};
+		Oid			types[3] = {INT4OID, CHAROID, BOOLOID};
+		Datum		values[3] = {Int32GetDatum(config->source_id), CharGetDatum(op),
+		BoolGetDatum(every_patient)};
 		char	   *sql;
 
 		sql = psprintf("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
 					   " SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
-					   "        patient, $1, 'd', keys, pg_catalog.statement_timestamp()"
-					   " FROM (SELECT t.%s::pg_catalog.text AS patient,"
-					   "              pg_catalog.array_agg(t.%s::pg_catalog.text) AS keys"
+					   "        patient, $1, $2, keys, pg_catalog.statement_timestamp()"
+					   " FROM (SELECT %s AS patient, pg_catalog.array_agg(%s) AS keys"
 					   "       FROM %s t WHERE t.%s IS NOT NULL AND t.%s IS NOT NULL"
-					   "       GROUP BY 1) gone",
-					   patient, key,
+					   "       GROUP BY 1) rows"
+					   " WHERE $3"
+					   "    OR EXISTS (SELECT 1 FROM portal_sync.enrollment e WHERE e.patient_id = rows.patient)"
+					   "    OR EXISTS (SELECT 1 FROM portal_sync.outbox o"
+					   "               WHERE o.op = 'e' AND o.patient_id = rows.patient)",
+					   column_text_sql(relid, config->patient_attnum),
+					   column_text_sql(relid, config->key_attnum),
 					   quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 												  RelationGetRelationName(rel)),
 					   patient, key);
-		if (SPI_execute_with_args(sql, 1, types, values, NULL, false, 0) != SPI_OK_INSERT)
-			elog(ERROR, "recording a TRUNCATE failed");
+		if (SPI_execute_with_args(sql, 3, types, values, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "recording the rows of a whole table failed");
 		if (SPI_processed > 0)
 			outbox_note_queued();
 	}
-	else
+	else if (resync_queued_lxid != MyProc->lxid ||
+			 resync_queued_subxid != GetCurrentSubTransactionId())
+	{
 		(void) queue_resync(NULL, NULL);
+		resync_queued_lxid = MyProc->lxid;
+		resync_queued_subxid = GetCurrentSubTransactionId();
+	}
 	SPI_finish();
 	restore_user(&owner);
+}
+
+/*
+ * The rows of a partition of an attached table come (it was attached with
+ * ATTACH PARTITION) or go (it is about to be dropped) all at once; see
+ * capture_whole_table.  Nothing for a table that is not captured.
+ */
+void
+capture_table_rows(Relation rel, bool removed)
+{
+	SourceConfig *config = source_config_lookup(RelationGetRelid(rel));
+
+	if (config != NULL)
+		capture_whole_table(config, rel, removed ? OUTBOX_OP_DELETE : OUTBOX_OP_INSERT);
 }
 
 /*
@@ -652,7 +716,12 @@ portal_sync_capture(PG_FUNCTION_ARGS)
 
 	if (TRIGGER_FIRED_BY_TRUNCATE(trigdata->tg_event))
 	{
-		capture_truncate(config, rel);
+		/*
+		 * A partitioned table holds no rows itself: its TRUNCATE fires the
+		 * trigger of each of its partitions too.
+		 */
+		if (rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
+			capture_whole_table(config, rel, OUTBOX_OP_DELETE);
 		return PointerGetDatum(NULL);
 	}
 

@@ -16,6 +16,7 @@
 #include "executor/execExpr.h"
 #include "fmgr.h"
 #include "nodes/primnodes.h"
+#include "storage/lockdefs.h"
 #include "utils/relcache.h"
 
 #define PORTAL_SYNC_SCHEMA "portal_sync"
@@ -80,12 +81,14 @@ extern bool source_kind_enrolls(SourceKind kind);
  */
 typedef struct SourceConfig
 {
-	Oid			relid;			/* hash key */
+	Oid			relid;			/* hash key: the table capture fires on */
+	Oid			attached_relid; /* the attached table: relid, or for a
+								 * partition its topmost attached ancestor */
 	bool		valid;
 	int32		source_id;
 	SourceKind	kind;
 	char	   *name;
-	AttrNumber	patient_attnum;
+	AttrNumber	patient_attnum; /* attribute numbers of relid's own rows */
 	AttrNumber	key_attnum;
 	bool		patient_byval;	/* patient column of a by-value type? */
 	bool		key_byval;
@@ -111,6 +114,18 @@ typedef struct SourceConfig
 extern SourceConfig *source_config_lookup(Oid relid);
 extern Oid	portal_sync_relid(const char *relname);
 extern Oid	portal_sync_relid_if_exists(const char *relname);
+
+/* Capture triggers of one table (attach.c); the caller is connected to SPI */
+extern void add_capture_triggers(Oid relid);
+extern void drop_capture_triggers(Oid relid);
+extern List *partitions_of(Oid relid, LOCKMODE lockmode);
+
+/* Partitioned tables (partitions.c) */
+extern struct AttrMap *partition_column_map(Oid attached_relid, Oid partition_relid);
+extern void partition_hook_install(void);
+
+/* Rows that come or go with a whole table (capture.c) */
+extern void capture_table_rows(Relation rel, bool removed);
 
 /* Rule expressions: share_when and enroll_when (rule_expr.c) */
 extern Node *rule_expr_compile(Relation rel, const char *text, const char *what);

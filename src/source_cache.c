@@ -8,8 +8,12 @@
  * kept until a relcache invalidation of that table says they may have
  * changed (attach, detach and any ALTER TABLE send one).  Among them is
  * what capture derives from the settings: which columns an UPDATE must
- * change to be recorded.  The OIDs of the extension's own relations are
- * cached the same way.
+ * change to be recorded.  A partition of an attached partitioned table
+ * has an entry of its own: the settings of its topmost attached ancestor,
+ * with the columns mapped by name to the partition's own row format
+ * (attach, detach, and ATTACH / DETACH PARTITION invalidate the
+ * partition's entry: they change its triggers).  The OIDs of the
+ * extension's own relations are cached the same way.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -21,10 +25,13 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/attmap.h"
+#include "catalog/partition.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "nodes/bitmapset.h"
 #include "optimizer/optimizer.h"
+#include "rewrite/rewriteManip.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -254,6 +261,15 @@ add_attnum(Bitmapset *attnums, AttrNumber attnum)
 }
 
 /*
+ * qsort comparator of attribute numbers.
+ */
+static int
+compare_attnums(const void *a, const void *b)
+{
+	return (int) *(const AttrNumber *) a - (int) *(const AttrNumber *) b;
+}
+
+/*
  * Work out, once per attachment, which columns an UPDATE must change to be
  * captured: the columns sent in data (all of them when the source has no
  * columns list), the patient, key, date and privacy columns, and every
@@ -263,7 +279,8 @@ add_attnum(Bitmapset *attnums, AttrNumber attnum)
  * column (which every UPDATE changes) makes every update count.
  */
 static void
-load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc)
+load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc,
+					  Expr *enroll_when, AttrMap *map)
 {
 	Bitmapset  *attnums = NULL;
 	bool		isnull;
@@ -272,8 +289,11 @@ load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc)
 	AttrNumber	natts = relation_natts(config->relid);
 	int			member = -1;
 
-	attnums = add_attnum(attnums, config->patient_attnum);
-	attnums = add_attnum(attnums, config->key_attnum);
+	/* the attached table's numbers; mapped to the partition's below */
+	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum,
+															 desc, &isnull)));
+	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum,
+															 desc, &isnull)));
 	value = heap_getattr(tuple, Anum_source_date_attnum, desc, &isnull);
 	if (!isnull)
 		attnums = add_attnum(attnums, DatumGetInt16(value));
@@ -283,8 +303,8 @@ load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc)
 	value = heap_getattr(tuple, Anum_source_share_when, desc, &isnull);
 	if (!isnull)
 		pull_varattnos(stringToNode(TextDatumGetCString(value)), 1, &attnums);
-	if (config->enroll_when != NULL)
-		pull_varattnos((Node *) config->enroll_when, 1, &attnums);
+	if (enroll_when != NULL)
+		pull_varattnos((Node *) enroll_when, 1, &attnums);
 
 	/* a 1.0 schema has no columns list: every column is sent */
 	if (desc->natts >= Anum_source_column_attnums)
@@ -320,20 +340,43 @@ load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc)
 	{
 		AttrNumber	attnum = member + FirstLowInvalidHeapAttributeNumber;
 
+		/* the attached table's column, as the partition numbers it */
+		if (attnum > 0 && map != NULL)
+			attnum = attnum <= map->maplen ? map->attnums[attnum - 1] : InvalidAttrNumber;
 		if (attnum < 0)
 			config->every_update_counts = true;
 		else if (attnum > 0 && !all_columns && attnum <= natts &&
 				 !column_is_dropped(config->relid, attnum))
 			config->compared_attnums[config->ncompared++] = attnum;
 	}
+	/* ascending: a partition may number the columns in another order */
+	if (map != NULL && !all_columns)
+		qsort(config->compared_attnums, config->ncompared, sizeof(AttrNumber),
+			  compare_attnums);
 	config->compare_whole_row = all_columns && config->ncompared == natts;
 }
 
 /*
- * Fill a cache entry from the tuple of portal_sync.source for its table.
+ * A column of the attached table as the table capture fires on numbers
+ * it (the same table, or a partition: see partition_column_map).
+ */
+static AttrNumber
+mapped_attnum(AttrMap *map, AttrNumber attnum)
+{
+	if (map == NULL || attnum == InvalidAttrNumber)
+		return attnum;
+	if (attnum > map->maplen || map->attnums[attnum - 1] == InvalidAttrNumber)
+		elog(ERROR, "a column of an attached table is missing from its partition");
+	return map->attnums[attnum - 1];
+}
+
+/*
+ * Fill a cache entry from the tuple of portal_sync.source for its table,
+ * the cached table itself or its topmost attached ancestor.
  */
 static void
-load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
+load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc,
+				   Oid attached_relid)
 {
 	SourceConfig *config = &cached->config;
 	bool		isnull;
@@ -343,6 +386,8 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 	Oid			patient_type;
 	Oid			key_type;
 	MemoryContext oldcontext;
+	AttrMap    *map = NULL;
+	Expr	   *enroll_when;
 
 	if (cached->context == NULL)
 		cached->context = AllocSetContextCreate(CacheMemoryContext,
@@ -354,13 +399,16 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 
 	memset(config, 0, sizeof(SourceConfig));
 	config->relid = cached->relid;
+	config->attached_relid = attached_relid;
+	if (attached_relid != cached->relid)
+		map = partition_column_map(attached_relid, cached->relid);
 	config->source_id = DatumGetInt32(heap_getattr(tuple, Anum_source_source_id, desc, &isnull));
 	if (!source_kind_from_name(TextDatumGetCString(heap_getattr(tuple, Anum_source_kind, desc, &isnull)),
 							   &config->kind))
 		elog(ERROR, "portal_sync.source holds an unknown kind");
 	config->name = TextDatumGetCString(heap_getattr(tuple, Anum_source_name, desc, &isnull));
-	config->patient_attnum = DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum, desc, &isnull));
-	config->key_attnum = DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum, desc, &isnull));
+	config->patient_attnum = mapped_attnum(map, DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum, desc, &isnull)));
+	config->key_attnum = mapped_attnum(map, DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum, desc, &isnull)));
 
 	patient_type = get_atttype(config->relid, config->patient_attnum);
 	getTypeOutputInfo(patient_type, &typoutput, &typisvarlena);
@@ -375,16 +423,29 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc)
 	config->key_type = getBaseType(key_type);
 
 	value = heap_getattr(tuple, Anum_source_enroll_when, desc, &isnull);
-	config->enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));
+	enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));
 
-	load_compared_columns(config, tuple, desc);
+	load_compared_columns(config, tuple, desc, enroll_when, map);
+
+	/* the rule reads the partition's rows, in its row format */
+	config->enroll_when = enroll_when;
+	if (enroll_when != NULL && map != NULL)
+	{
+		bool		found_whole_row;
+
+		config->enroll_when = (Expr *)
+			map_variable_attnos((Node *) enroll_when, 1, 0, map,
+								get_rel_type_id(attached_relid), &found_whole_row);
+	}
 
 	MemoryContextSwitchTo(oldcontext);
 	config->valid = true;
 }
 
 /*
- * The settings of an attached table, or NULL if it is not attached.
+ * The settings of an attached table, or NULL if it is not attached.  A
+ * partition (at any level) of an attached partitioned table gets the
+ * settings of its topmost attached ancestor, mapped to its own columns.
  *
  * portal_sync.source is read directly, with the latest snapshot, so that
  * the EHR's roles need no privilege on it.
@@ -398,6 +459,10 @@ source_config_lookup(Oid relid)
 	TableScanDesc scan;
 	HeapTuple	tuple;
 	Snapshot	snapshot;
+	List	   *candidates;
+	HeapTuple	best = NULL;
+	int			best_level = -1;
+	Oid			best_relid = InvalidOid;
 
 	if (source_cache == NULL)
 		source_cache_init();
@@ -411,6 +476,11 @@ source_config_lookup(Oid relid)
 	if (cached->config.valid)
 		return &cached->config;
 
+	/* the table, then its ancestors up to the root of its partition tree */
+	candidates = list_make1_oid(relid);
+	if (get_rel_relispartition(relid))
+		candidates = list_concat(candidates, get_partition_ancestors(relid));
+
 	rel = table_open(portal_sync_relid("source"), AccessShareLock);
 	snapshot = RegisterSnapshot(GetLatestSnapshot());
 	scan = table_beginscan(rel, snapshot, 0, NULL);
@@ -419,16 +489,31 @@ source_config_lookup(Oid relid)
 		bool		isnull;
 		Oid			row_relid = DatumGetObjectId(heap_getattr(tuple, Anum_source_relid,
 															  RelationGetDescr(rel), &isnull));
+		int			level = 0;
+		ListCell   *lc;
 
-		if (row_relid == relid)
+		foreach(lc, candidates)
 		{
-			load_source_config(cached, tuple, RelationGetDescr(rel));
-			break;
+			if (lfirst_oid(lc) == row_relid && level > best_level)
+			{
+				if (best != NULL)
+					heap_freetuple(best);
+				best = heap_copytuple(tuple);
+				best_level = level;
+				best_relid = row_relid;
+			}
+			level++;
 		}
 	}
 	table_endscan(scan);
 	UnregisterSnapshot(snapshot);
+	if (best != NULL)
+	{
+		load_source_config(cached, best, RelationGetDescr(rel), best_relid);
+		heap_freetuple(best);
+	}
 	table_close(rel, AccessShareLock);
+	list_free(candidates);
 
 	return cached->config.valid ? &cached->config : NULL;
 }
