@@ -201,6 +201,7 @@ _PG_init(void)
 	define_settings();
 	shared_state_install_hooks();
 	database_hook_install();
+	attachment_ddl_install();
 	register_launcher();
 
 	/* a misspelt portal_sync.* setting is reported instead of ignored */
