@@ -475,6 +475,13 @@ ALTER TABLE portal_sync.source
 	DROP COLUMN enroll_when;
 ALTER TABLE portal_sync.source RENAME COLUMN share_when_sql TO share_when;
 ALTER TABLE portal_sync.source RENAME COLUMN enroll_when_sql TO enroll_when;
+-- an identity's sequence is not dumped with an extension's table: one of its own is
+CREATE SEQUENCE portal_sync.source_id_seq AS int;
+SELECT pg_catalog.setval('portal_sync.source_id_seq', last_value, is_called)
+FROM portal_sync.source_source_id_seq;
+ALTER TABLE portal_sync.source ALTER COLUMN source_id DROP IDENTITY;
+ALTER TABLE portal_sync.source ALTER COLUMN source_id
+	SET DEFAULT pg_catalog.nextval('portal_sync.source_id_seq'::pg_catalog.regclass);
 
 CREATE FUNCTION portal_sync.source_changed() RETURNS trigger
 	AS 'MODULE_PATHNAME', 'portal_sync_source_changed' LANGUAGE C;
@@ -482,6 +489,7 @@ CREATE TRIGGER source_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
 	ON portal_sync.source
 	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.source_changed();
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.source', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.source_id_seq', '');
 
 DROP FUNCTION portal_sync.attach(regclass, text, name, name, name, name, text, text, text);
 CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,

@@ -67,10 +67,12 @@ CREATE TRIGGER settings_changed AFTER UPDATE ON portal_sync.settings
  * settings name (ALTER TABLE ... RENAME COLUMN) rewrites the names and the
  * rules here in the same transaction (attachment_ddl.c).  Dumped with the
  * extension's data, source_id included, so that restored outbox rows
- * still name their source.
+ * still name their source; its sequence is one of its own, not an
+ * identity, so that pg_dump dumps where it stands too.
  */
+CREATE SEQUENCE portal_sync.source_id_seq AS int;
 CREATE TABLE portal_sync.source (
-	source_id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	source_id int PRIMARY KEY DEFAULT pg_catalog.nextval('portal_sync.source_id_seq'::pg_catalog.regclass),
 	relid regclass NOT NULL UNIQUE,
 	kind text NOT NULL CHECK (kind IN ('appointment', 'ccda', 'note', 'pin',
 									   'insurance', 'clinical', 'patient')),
@@ -224,6 +226,7 @@ CREATE TABLE portal_sync.skipped_row (
 
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.settings', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.source', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.source_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
