@@ -74,9 +74,11 @@ my $outbox_q = q{SELECT string_agg(format('%s %s %s %s %s', o.seq, o.patient_id,
 my $outbox_at_dump = one($outbox_q);
 like($outbox_at_dump, qr/ medication u /, 'pending at dump time: a medication change');
 like($outbox_at_dump, qr/ allergy d \{$deleted_allergy\}/, 'pending at dump time: an allergy delete');
-my $sources_q = q{SELECT string_agg(format('%s %s %s %s %s %s %s %s %s %s', source_id, name, source, kind, patient_col,
-										   key_col, date_col, privacy_col, share_when, enroll_when) || ' ' || coalesce(columns::text, '-'),
-									E'\n' ORDER BY source_id) FROM portal_sync.source};
+my $sources_q = q{SELECT string_agg(format('%s %s %s %s %s %s %s %s %s %s %s', s.source_id, v.name, v.source, v.kind,
+										   v.patient_col, v.key_col, v.date_col, v.privacy_col, v.share_when,
+										   v.enroll_when, v.columns),
+									E'\n' ORDER BY s.source_id)
+				  FROM portal_sync.sources v JOIN portal_sync.source s USING (name)};
 my $sources_at_dump = one($sources_q);
 
 my $custom = "$PostgreSQL::Test::Utils::tmp_check/practice.dump";
