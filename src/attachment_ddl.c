@@ -11,8 +11,10 @@
  * one): before the rename the stored settings are resolved (columns to
  * attribute numbers, rules analyzed); after it the names are read back
  * and the rules deparsed again, and the row of portal_sync.source is
- * rewritten.  Renaming the table itself changes nothing stored (a
- * regclass).
+ * rewritten.  A rule may name a type (a cast to an enum), so renaming a
+ * type or a schema, or moving a type to another schema, deparses every
+ * attached table's rules again the same way.  Renaming the table itself
+ * changes nothing stored (a regclass).
  *
  * CREATE TRIGGER of a capture insert trigger on a table whose settings
  * are there already, which is what pg_restore does after it restored the
@@ -57,43 +59,77 @@ typedef struct RenamedSource
 } RenamedSource;
 
 /*
+ * Resolve the settings of these attached tables (others are skipped).
+ */
+static List *
+resolve_attached(List *relids, LOCKMODE lockmode)
+{
+	List	   *result = NIL;
+	ListCell   *lc;
+
+	foreach(lc, relids)
+	{
+		Oid			relid = lfirst_oid(lc);
+		RenamedSource *renamed;
+
+		if (!source_is_attached(relid))
+			continue;
+		if (lockmode != NoLock)
+			LockRelationOid(relid, lockmode);
+		renamed = palloc0(sizeof(RenamedSource));
+		renamed->relid = relid;
+		if (source_settings_read(relid, &renamed->stored))
+			result = lappend(result, renamed);
+	}
+	return result;
+}
+
+/*
  * The attached tables a RENAME COLUMN may rename a column of, with their
  * settings resolved while the old name still exists.  They are locked
  * as the rename will lock them, and only for their owner (anyone else's
  * rename fails on its own permission check).
  */
 static List *
-settings_before_rename(RenameStmt *stmt)
+settings_before_column_rename(RenameStmt *stmt)
 {
-	List	   *result = NIL;
-	List	   *relids;
-	ListCell   *lc;
 	Oid			relid;
 
-	if (stmt->relation == NULL ||
-		!OidIsValid(portal_sync_relid_if_exists("source")) ||
-		!source_settings_by_name())
+	if (stmt->relation == NULL)
 		return NIL;
 	relid = RangeVarGetRelid(stmt->relation, NoLock, true);
 	if (!OidIsValid(relid) || !pg_class_ownercheck(relid, GetUserId()))
 		return NIL;
+	return resolve_attached(stmt->relation->inh ? find_all_inheritors(relid, NoLock, NULL)
+							: list_make1_oid(relid),
+							AccessExclusiveLock);
+}
 
-	relids = stmt->relation->inh ? find_all_inheritors(relid, NoLock, NULL)
-		: list_make1_oid(relid);
-	foreach(lc, relids)
-	{
-		Oid			child = lfirst_oid(lc);
-		RenamedSource *renamed;
+/*
+ * The attached tables whose stored settings a utility statement may make
+ * stale, resolved before it runs; NIL for most statements.
+ */
+static List *
+settings_before(Node *statement)
+{
+	ObjectType	type;
 
-		if (!source_is_attached(child))
-			continue;
-		LockRelationOid(child, AccessExclusiveLock);
-		renamed = palloc0(sizeof(RenamedSource));
-		renamed->relid = child;
-		if (source_settings_read(child, &renamed->stored))
-			result = lappend(result, renamed);
-	}
-	return result;
+	if (IsA(statement, RenameStmt))
+		type = ((RenameStmt *) statement)->renameType;
+	else if (IsA(statement, AlterObjectSchemaStmt))
+		type = ((AlterObjectSchemaStmt *) statement)->objectType;
+	else
+		return NIL;
+	if (type != OBJECT_COLUMN && type != OBJECT_TYPE && type != OBJECT_DOMAIN &&
+		type != OBJECT_SCHEMA)
+		return NIL;
+	if (!OidIsValid(portal_sync_relid_if_exists("source")) || !source_settings_by_name())
+		return NIL;
+	if (type == OBJECT_COLUMN)
+		return IsA(statement, RenameStmt)
+			? settings_before_column_rename((RenameStmt *) statement) : NIL;
+	/* a type or schema a rule may name: every attached table's rules */
+	return resolve_attached(source_attached_relids(), NoLock);
 }
 
 /*
@@ -165,11 +201,11 @@ rewrite_settings(RenamedSource *renamed)
 }
 
 /*
- * After a RENAME COLUMN: rewrite the settings of every attached table it
- * may have renamed a column of.
+ * After the statement: rewrite the settings of every attached table it may
+ * have made stale.
  */
 static void
-settings_after_rename(List *renamed)
+settings_after(List *renamed)
 {
 	ExtensionOwnerContext owner;
 	ListCell   *lc;
@@ -204,7 +240,7 @@ after_create_trigger(CreateTrigStmt *stmt)
 }
 
 /*
- * ProcessUtility hook: around RENAME COLUMN and after CREATE TRIGGER.
+ * ProcessUtility hook: around renames, and after CREATE TRIGGER.
  */
 static void
 attachment_ddl_process_utility(PlannedStmt *pstmt, const char *queryString,
@@ -215,8 +251,7 @@ attachment_ddl_process_utility(PlannedStmt *pstmt, const char *queryString,
 	Node	   *statement = pstmt->utilityStmt;
 	List	   *renamed = NIL;
 
-	if (IsA(statement, RenameStmt) && ((RenameStmt *) statement)->renameType == OBJECT_COLUMN)
-		renamed = settings_before_rename((RenameStmt *) statement);
+	renamed = settings_before(statement);
 
 	if (prev_process_utility)
 		prev_process_utility(pstmt, queryString, readOnlyTree, context,
@@ -226,7 +261,7 @@ attachment_ddl_process_utility(PlannedStmt *pstmt, const char *queryString,
 								params, queryEnv, dest, qc);
 
 	if (renamed != NIL)
-		settings_after_rename(renamed);
+		settings_after(renamed);
 	if (IsA(statement, CreateTrigStmt))
 		after_create_trigger((CreateTrigStmt *) statement);
 }

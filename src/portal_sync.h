@@ -139,6 +139,7 @@ typedef struct StoredSource
 extern bool source_settings_by_name(void);
 extern bool source_settings_read(Oid relid, StoredSource *stored);
 extern bool source_is_attached(Oid relid);
+extern List *source_attached_relids(void);
 
 /* Outbox writing (outbox.c) */
 typedef struct OutboxWriter OutboxWriter;

@@ -655,3 +655,33 @@ source_is_attached(Oid relid)
 		source_cache_init();
 	return scan_settings(relid, found_nothing_to_do, NULL);
 }
+
+/*
+ * The OIDs of every attached table, read afresh.
+ */
+List *
+source_attached_relids(void)
+{
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	Snapshot	snapshot;
+	AttrNumber	relid_attnum;
+	List	   *relids = NIL;
+
+	rel = table_open(portal_sync_relid("source"), AccessShareLock);
+	relid_attnum = settings_column(RelationGetDescr(rel), "relid");
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snapshot, 0, NULL);
+	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		bool		isnull;
+
+		relids = lappend_oid(relids, DatumGetObjectId(heap_getattr(tuple, relid_attnum,
+																   RelationGetDescr(rel), &isnull)));
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(rel, AccessShareLock);
+	return relids;
+}

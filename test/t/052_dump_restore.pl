@@ -186,7 +186,8 @@ sub check_adopted
 	my $since = ps_nreq($p);
 	$n->safe_psql($cdb, qq{UPDATE portal_sync.settings SET practice_id = '$practice'}) if $practice;
 	$n->safe_psql($cdb, q{SELECT portal_sync.adopt()});
-	isnt(ps_status($n, $cdb)->{state}, 'needs_adoption', "$name: adopted");
+	ok(ps_wait_until(sub { (ps_status($n, $cdb)->{state} // '') ne 'needs_adoption' }, "$name adopted", 60),
+		"$name: adopted (status no longer needs_adoption)");
 	# a writer keeps writing while the copy delivers
 	my $writer = $n->background_psql($cdb);
 	$writer->query_safe(q{UPDATE ehr.allergy SET severity = 'mild' WHERE patient_id = 2});
@@ -242,6 +243,24 @@ ps_check_settled($node, $db, $portal, 'origin, beside its copies');
 		SELECT portal_sync.adopt()});
 	ok(ps_wait_drained($node, 'template_copy'), 'template copy: drained after adopt()');
 	ps_compare_state($node, 'template_copy', $portal, 'template copy after adopt()');
+
+	# A rule that names a type: renaming the type, or moving it to another
+	# schema, rewrites the rule's text too.
+	$node->safe_psql('template_copy', q{
+		CREATE TYPE ehr.triage AS ENUM ('routine', 'urgent', 'internal');
+		CREATE TABLE ehr.referral (referral_id int PRIMARY KEY, patient_id int NOT NULL, level ehr.triage);
+		CREATE INDEX ON ehr.referral (patient_id);
+		SELECT portal_sync.attach('ehr.referral', 'clinical', 'patient_id', share_when => 'level <> ''internal''');
+		CREATE SCHEMA referrals;
+		ALTER TYPE ehr.triage RENAME TO triage_level;
+		ALTER TYPE ehr.triage_level SET SCHEMA referrals;});
+	is($node->safe_psql('template_copy', q{SELECT share_when FROM portal_sync.sources WHERE name = 'referral'}),
+		q{(level <> 'internal'::referrals.triage_level)}, 'a renamed and moved type: the rule follows');
+	($ret, $out, $err) = $node->psql('template_copy',
+		q{INSERT INTO ehr.referral VALUES (1, 1, 'urgent'), (2, 1, 'internal')});
+	is($ret, 0, 'a renamed type: writes succeed') or diag($err);
+	ok(ps_wait_drained($node, 'template_copy'), 'a renamed type: delivered');
+	ps_compare_state($node, 'template_copy', $portal, 'a renamed type');
 }
 
 ps_check_settled($node, $db, $portal, 'origin, at the end');
