@@ -755,6 +755,43 @@ record_capture_dependencies(Oid relid)
 }
 
 /*
+ * Record the dependencies of every attached table's capture insert trigger
+ * that has none: pg_upgrade recreates the triggers before the settings'
+ * data is back, and so without them.  adopt(), which an upgraded cluster
+ * needs anyway, calls it.  The caller is connected to SPI.
+ */
+void
+repair_capture_dependencies(void)
+{
+	List	   *relids = NIL;
+	ListCell   *lc;
+
+	if (SPI_execute("SELECT s.relid::pg_catalog.oid FROM portal_sync.source s"
+					" JOIN pg_catalog.pg_trigger t"
+					"   ON t.tgrelid = s.relid AND t.tgname = 'portal_sync_capture_insert'"
+					" WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d"
+					"   WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass"
+					"     AND d.objid = t.oid AND d.refobjsubid > 0)",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading the capture triggers failed");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		relids = lappend_oid(relids, DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+																	SPI_tuptable->tupdesc, 1, &isnull)));
+	}
+	foreach(lc, relids)
+	{
+		Relation	rel = table_open(lfirst_oid(lc), ShareRowExclusiveLock);
+
+		record_capture_dependencies(RelationGetRelid(rel));
+		table_close(rel, NoLock);
+	}
+	CommandCounterIncrement();
+}
+
+/*
  * Is attach() creating capture triggers?  It records their dependencies
  * itself, so the utility hook must not record them twice.
  */

@@ -105,6 +105,7 @@ typedef struct SourceConfig
 
 extern SourceConfig *source_config_lookup(Oid relid);
 extern void record_capture_dependencies(Oid relid);
+extern void repair_capture_dependencies(void);
 extern bool attach_is_creating_triggers(void);
 extern void attachment_ddl_install(void);
 extern Oid	portal_sync_relid(const char *relname);
