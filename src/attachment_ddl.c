@@ -151,7 +151,7 @@ rewrite_settings(RenamedSource *renamed)
 {
 	StoredSource *stored = &renamed->stored;
 	Oid			relid = renamed->relid;
-	Relation	rel = relation_open(relid, NoLock);
+	Relation	rel = relation_open(relid, AccessShareLock);
 	Oid			types[8] = {REGCLASSOID, NAMEOID, NAMEOID, NAMEOID, NAMEOID,
 	TEXTOID, TEXTOID, NAMEARRAYOID};
 	Datum		values[8];

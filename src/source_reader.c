@@ -7,9 +7,10 @@
  * event is sent and decides there whether it is shareable (date cutoff,
  * privacy level, share_when).  The statements are generated per source
  * from the catalog: identifiers through quote_identifier, values through
- * parameters, the rule through pg_get_expr of its analyzed form.  The
- * worker's search_path holds only pg_catalog, so the deparsed rule means
- * what it meant when it was attached.
+ * parameters, the rule as its stored text is analyzed again (checked as
+ * attach() checks it) and deparsed: never the stored text as it is.  The
+ * worker's search_path holds only pg_catalog, and the text names every
+ * other schema, so the rule means what it meant when it was attached.
  *
  * Parameters of every statement here: $1 the date cutoff (date, may be
  * NULL), $2 max_privacy_level (int), $3 the keys or patient ids (text[] or
@@ -22,6 +23,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/relation.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -117,6 +119,27 @@ shareable_sql(const char *date_col, const char *privacy_col, const char *share_w
 		appendStringInfo(&sql, " AND COALESCE((%s), false)", share_when);
 	appendStringInfoChar(&sql, ')');
 	return sql.data;
+}
+
+/*
+ * A source's stored share_when as the worker splices it into its
+ * statements: analyzed against the table as capture analyzes it (one
+ * expression over the row's columns, nothing forbidden), then deparsed,
+ * so that whatever the stored text holds, the statement gets exactly one
+ * canonical expression.  NULL for none.
+ */
+static char *
+checked_share_when(Oid relid, const char *stored)
+{
+	Relation	rel;
+	char	   *text;
+
+	if (stored == NULL)
+		return NULL;
+	rel = relation_open(relid, AccessShareLock);
+	text = rule_expr_deparse(rel, rule_expr_analyze_stored(rel, stored, "share_when"));
+	relation_close(rel, AccessShareLock);
+	return text;
 }
 
 /*
@@ -230,7 +253,9 @@ load_worker_sources(void)
 		char	   *key_type = SPI_getvalue(tuple, desc, 9);
 		char	   *date_col = SPI_getvalue(tuple, desc, 10);
 		char	   *privacy_col = SPI_getvalue(tuple, desc, 11);
-		char	   *shareable = shareable_sql(date_col, privacy_col, SPI_getvalue(tuple, desc, 12));
+		Oid			relid = DatumGetObjectId(SPI_getbinval(tuple, desc, 17, &isnull));
+		char	   *shareable = shareable_sql(date_col, privacy_col,
+											  checked_share_when(relid, SPI_getvalue(tuple, desc, 12)));
 		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull),
 											DatumGetBool(SPI_getbinval(tuple, desc, 18, &isnull)));
 
