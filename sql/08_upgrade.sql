@@ -40,6 +40,13 @@ CREATE TABLE med (id int PRIMARY KEY, pid int NOT NULL, dose text);
 CREATE INDEX ON med (pid);
 SELECT portal_sync.attach('appt', 'appointment', 'pid');
 SELECT portal_sync.attach('med', 'clinical', 'pid');
+-- 1.0 keeps columns by number and rules as node trees: the update converts them
+CREATE TABLE note (id int PRIMARY KEY, pid int NOT NULL, seen date, kind text,
+				   final boolean NOT NULL DEFAULT false);
+CREATE INDEX ON note (pid);
+SELECT portal_sync.attach('note', 'note', 'pid', date_col => 'seen',
+						  share_when => 'kind <> ''phone''',
+						  enroll_when => 'final AND kind = ''encounter''');
 
 -- 1.0 schema, this library: an enrollment as 1.0 made it, then changes.
 INSERT INTO appt VALUES (1, 7);
@@ -64,6 +71,21 @@ INSERT INTO med VALUES (12, 9, 'd'), (13, 7, 'e');
 SELECT patient_id, op, keys FROM portal_sync.outbox WHERE seq > (SELECT max(seq) FROM before_update) ORDER BY seq;
 SELECT patient_id, enrolled_by FROM portal_sync.patients ORDER BY 1;
 SELECT pending_events, state IN ('unconfigured', 'not_running', 'idle') AS state_ok FROM portal_sync.status;
+
+-- An attachment made under 1.0 is kept by name, its rules as SQL text ...
+SELECT name, source, patient_col, key_col, date_col, share_when, enroll_when, columns
+FROM portal_sync.sources ORDER BY name;
+-- ... and keeps working: its enroll_when decides, a rename of a column it
+-- reads is followed, a new attachment gets a source id of its own.
+INSERT INTO note VALUES (1, 20, '2026-01-01', 'phone', true), (2, 21, '2026-01-01', 'encounter', true);
+ALTER TABLE note RENAME COLUMN kind TO note_type;
+SELECT share_when, enroll_when FROM portal_sync.sources WHERE name = 'note';
+INSERT INTO note VALUES (3, 22, '2026-01-02', 'encounter', true), (4, 23, '2026-01-02', 'phone', true);
+SELECT patient_id, enrolled_by FROM portal_sync.patients WHERE patient_id IN ('20', '21', '22', '23') ORDER BY 1;
+CREATE TABLE vital (id int PRIMARY KEY, pid int NOT NULL);
+CREATE INDEX ON vital (pid);
+SELECT portal_sync.attach('vital', 'clinical', 'pid');
+SELECT count(DISTINCT source_id) AS source_ids, count(*) AS sources FROM portal_sync.source;
 
 -- The updated extension holds the same objects as a fresh 1.1.
 SELECT md5(string_agg(d, E'\n' ORDER BY d)) = :'fresh_objects' AS same_as_fresh FROM (

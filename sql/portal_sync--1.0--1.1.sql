@@ -438,10 +438,62 @@ GRANT SELECT ON portal_sync.metrics TO pg_monitor;
 GRANT EXECUTE ON FUNCTION portal_sync.worker_metrics() TO pg_monitor;
 
 /*
- * The minimum-necessary columns of a source: data carries only these
- * (attribute numbers, like the other columns of the settings; NULL: all).
+ * Attachments that survive pg_dump / pg_restore and pg_upgrade: the table
+ * as a regclass, its columns by name, the rules as their SQL text (1.0
+ * kept attribute numbers and node trees, which a restore or a later
+ * major version does not carry), and the settings dumped with the
+ * extension's data.
  */
-ALTER TABLE portal_sync.source ADD COLUMN column_attnums int2[];
+DROP VIEW portal_sync.sources;
+ALTER TABLE portal_sync.source
+	ALTER COLUMN relid TYPE regclass,
+	ADD COLUMN patient_col name,
+	ADD COLUMN key_col name,
+	ADD COLUMN date_col name,
+	ADD COLUMN privacy_col name,
+	ADD COLUMN share_when_sql text,
+	ADD COLUMN enroll_when_sql text,
+	ADD COLUMN columns name[];
+UPDATE portal_sync.source s
+SET patient_col = (SELECT a.attname FROM pg_catalog.pg_attribute a
+				   WHERE a.attrelid = s.relid AND a.attnum = s.patient_attnum),
+	key_col = (SELECT a.attname FROM pg_catalog.pg_attribute a
+			   WHERE a.attrelid = s.relid AND a.attnum = s.key_attnum),
+	date_col = (SELECT a.attname FROM pg_catalog.pg_attribute a
+				WHERE a.attrelid = s.relid AND a.attnum = s.date_attnum),
+	privacy_col = (SELECT a.attname FROM pg_catalog.pg_attribute a
+				   WHERE a.attrelid = s.relid AND a.attnum = s.privacy_attnum),
+	share_when_sql = pg_catalog.pg_get_expr(s.share_when, s.relid),
+	enroll_when_sql = pg_catalog.pg_get_expr(s.enroll_when, s.relid);
+ALTER TABLE portal_sync.source
+	ALTER COLUMN patient_col SET NOT NULL,
+	ALTER COLUMN key_col SET NOT NULL,
+	DROP COLUMN patient_attnum,
+	DROP COLUMN key_attnum,
+	DROP COLUMN date_attnum,
+	DROP COLUMN privacy_attnum,
+	DROP COLUMN share_when_text,
+	DROP COLUMN share_when,
+	DROP COLUMN enroll_when_text,
+	DROP COLUMN enroll_when;
+ALTER TABLE portal_sync.source RENAME COLUMN share_when_sql TO share_when;
+ALTER TABLE portal_sync.source RENAME COLUMN enroll_when_sql TO enroll_when;
+-- an identity's sequence is not dumped with an extension's table: one of its own is
+CREATE SEQUENCE portal_sync.source_id_seq AS int;
+SELECT pg_catalog.setval('portal_sync.source_id_seq', last_value, is_called)
+FROM portal_sync.source_source_id_seq;
+ALTER TABLE portal_sync.source ALTER COLUMN source_id DROP IDENTITY;
+ALTER TABLE portal_sync.source ALTER COLUMN source_id
+	SET DEFAULT pg_catalog.nextval('portal_sync.source_id_seq'::pg_catalog.regclass);
+
+CREATE FUNCTION portal_sync.source_changed() RETURNS trigger
+	AS 'MODULE_PATHNAME', 'portal_sync_source_changed' LANGUAGE C;
+CREATE TRIGGER source_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+	ON portal_sync.source
+	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.source_changed();
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.source', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.source_id_seq', '');
+
 DROP FUNCTION portal_sync.attach(regclass, text, name, name, name, name, text, text, text);
 CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,
 								   key_col name DEFAULT NULL,
@@ -453,29 +505,19 @@ CREATE FUNCTION portal_sync.attach(source regclass, kind text, patient_col name,
 								   columns name[] DEFAULT NULL)
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'portal_sync_attach' LANGUAGE C CALLED ON NULL INPUT;
-DROP VIEW portal_sync.sources;
 CREATE VIEW portal_sync.sources AS
 SELECT s.name,
-	   s.relid::regclass AS source,
+	   s.relid AS source,
 	   s.kind,
-	   pa.attname AS patient_col,
-	   ka.attname AS key_col,
-	   da.attname AS date_col,
-	   va.attname AS privacy_col,
-	   pg_catalog.pg_get_expr(s.share_when, s.relid) AS share_when,
-	   pg_catalog.pg_get_expr(s.enroll_when, s.relid) AS enroll_when,
-	   CASE WHEN s.column_attnums IS NOT NULL THEN
-		   ARRAY(SELECT ca.attname
-				 FROM pg_catalog.unnest(s.column_attnums) WITH ORDINALITY AS c(attnum, n)
-				 JOIN pg_catalog.pg_attribute ca ON ca.attrelid = s.relid AND ca.attnum = c.attnum
-				 ORDER BY c.n)
-	   END AS columns,
+	   s.patient_col,
+	   s.key_col,
+	   s.date_col,
+	   s.privacy_col,
+	   s.share_when,
+	   s.enroll_when,
+	   s.columns,
 	   s.attached_at
-FROM portal_sync.source s
-JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum
-JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_attnum
-LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum
-LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum;
+FROM portal_sync.source s;
 
 /* detach(..., retract): deletes of what the portal may hold, then forget */
 DROP FUNCTION portal_sync.detach(regclass);

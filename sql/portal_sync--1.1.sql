@@ -59,27 +59,43 @@ CREATE TRIGGER settings_changed AFTER UPDATE ON portal_sync.settings
 	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.settings_changed();
 
 /*
- * source: one row per attached table.  Columns are kept by attribute number
- * and expressions as analyzed node trees, so that renaming a column of the
- * EHR's table changes nothing here; the sources view shows current names.
+ * source: one row per attached table.  Nothing here depends on what a
+ * dump and restore (or pg_upgrade) changes: the table is a regclass
+ * (dumped as its name, restored to the new table), its columns are kept
+ * by name and the rules as their SQL text, which capture and the worker
+ * parse and analyze when they load the settings.  Renaming a column the
+ * settings name (ALTER TABLE ... RENAME COLUMN) rewrites the names and the
+ * rules here in the same transaction (attachment_ddl.c).  Dumped with the
+ * extension's data, source_id included, so that restored outbox rows
+ * still name their source; its sequence is one of its own, not an
+ * identity, so that pg_dump dumps where it stands too.
  */
+CREATE SEQUENCE portal_sync.source_id_seq AS int;
 CREATE TABLE portal_sync.source (
-	source_id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-	relid oid NOT NULL UNIQUE,
+	source_id int PRIMARY KEY DEFAULT pg_catalog.nextval('portal_sync.source_id_seq'::pg_catalog.regclass),
+	relid regclass NOT NULL UNIQUE,
 	kind text NOT NULL CHECK (kind IN ('appointment', 'ccda', 'note', 'pin',
 									   'insurance', 'clinical', 'patient')),
 	name text NOT NULL UNIQUE CHECK (name <> ''),
-	patient_attnum int2 NOT NULL,
-	key_attnum int2 NOT NULL,
-	date_attnum int2,
-	privacy_attnum int2,
-	share_when_text text,
-	share_when pg_node_tree,
-	enroll_when_text text,
-	enroll_when pg_node_tree,
+	patient_col name NOT NULL,
+	key_col name NOT NULL,
+	date_col name,
+	privacy_col name,
+	share_when text,			/* as deparsed, names qualified but pg_catalog's */
+	enroll_when text,
 	attached_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	column_attnums int2[]		/* the columns sent in data; NULL: all */
+	columns name[]				/* the columns sent in data; NULL: all */
 );
+
+/*
+ * Any change of the settings, also one that pg_restore makes with COPY,
+ * tells every backend's capture and the worker to load them again.
+ */
+CREATE FUNCTION portal_sync.source_changed() RETURNS trigger
+	AS 'MODULE_PATHNAME', 'portal_sync_source_changed' LANGUAGE C;
+CREATE TRIGGER source_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+	ON portal_sync.source
+	FOR EACH STATEMENT EXECUTE FUNCTION portal_sync.source_changed();
 
 /*
  * outbox: what changed, never the clinical content.  One row records that
@@ -245,6 +261,8 @@ CREATE TABLE portal_sync.retraction (
 
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.settings', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.retraction', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.source', '');
+SELECT pg_catalog.pg_extension_config_dump('portal_sync.source_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.outbox_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('portal_sync.enrollment', '');
@@ -309,29 +327,20 @@ CREATE FUNCTION portal_sync.worker_status(OUT worker_pid int, OUT state text,
 	RETURNS record
 	AS 'MODULE_PATHNAME', 'portal_sync_worker_status' LANGUAGE C STRICT;
 
-/* sources: the attached tables with their settings, by current names. */
+/* sources: the attached tables with their settings. */
 CREATE VIEW portal_sync.sources AS
 SELECT s.name,
-	   s.relid::regclass AS source,
+	   s.relid AS source,
 	   s.kind,
-	   pa.attname AS patient_col,
-	   ka.attname AS key_col,
-	   da.attname AS date_col,
-	   va.attname AS privacy_col,
-	   pg_catalog.pg_get_expr(s.share_when, s.relid) AS share_when,
-	   pg_catalog.pg_get_expr(s.enroll_when, s.relid) AS enroll_when,
-	   CASE WHEN s.column_attnums IS NOT NULL THEN
-		   ARRAY(SELECT ca.attname
-				 FROM pg_catalog.unnest(s.column_attnums) WITH ORDINALITY AS c(attnum, n)
-				 JOIN pg_catalog.pg_attribute ca ON ca.attrelid = s.relid AND ca.attnum = c.attnum
-				 ORDER BY c.n)
-	   END AS columns,
+	   s.patient_col,
+	   s.key_col,
+	   s.date_col,
+	   s.privacy_col,
+	   s.share_when,
+	   s.enroll_when,
+	   s.columns,
 	   s.attached_at
-FROM portal_sync.source s
-JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum
-JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_attnum
-LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum
-LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum;
+FROM portal_sync.source s;
 
 /*
  * rule_error: rows withheld because a share_when failed on them, counted
@@ -703,11 +712,7 @@ BEGIN
 END
 $$;
 
-/*
- * A dropped table is no longer attached.  (The settings of attached tables
- * are not dumped by pg_dump: their columns are kept by number, which a
- * restore does not preserve.  After a restore, attach the tables again.)
- */
+/* A dropped table is no longer attached. */
 CREATE FUNCTION portal_sync.forget_dropped_tables() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS
 $$

@@ -113,8 +113,8 @@ resync_insurance_of_unenrolled(void)
 					" FROM portal_sync.source s"
 					" JOIN pg_catalog.pg_class c ON c.oid = s.relid"
 					" JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-					" JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum"
-					" JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_attnum"
+					" JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attname = s.patient_col"
+					" JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attname = s.key_col"
 					" WHERE s.kind = 'insurance'", true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "reading portal_sync.source failed");
 	sources = SPI_tuptable;

@@ -7,10 +7,12 @@
  * then, in the caller's transaction, records the settings in
  * portal_sync.source and creates the capture triggers.  The triggers
  * depend on the columns that portal_sync reads, so those columns cannot be
- * dropped or retyped under it; renaming them is harmless because settings
- * are kept by attribute number and analyzed expression.  The columns sent
- * in data (the columns argument, the minimum-necessary list) are kept and
- * protected the same way.
+ * dropped or retyped under it.  The settings name the columns and keep the
+ * rules as SQL text, so that pg_dump / pg_restore carry them; renaming a
+ * column rewrites them (attachment_ddl.c), and a restore's CREATE TRIGGER
+ * records the dependencies again.  The columns sent in data (the columns
+ * argument, the minimum-necessary list) are kept and protected the same
+ * way.
  *
  * A partitioned table is attached as one source: its partitions, at every
  * level, get the capture triggers too (statement triggers fire only on the
@@ -68,6 +70,9 @@ static const CaptureTrigger capture_triggers[] = {
 	{"portal_sync_capture_truncate",
 	"TRUNCATE ON %s"},			/* BEFORE: the rows are still there */
 };
+
+/* attach() is creating capture triggers (it records their dependencies) */
+static bool creating_triggers = false;
 
 /* What attach() was asked, checked. */
 typedef struct AttachRequest
@@ -599,10 +604,12 @@ check_patient_type(AttachRequest *req, Relation rel)
 						get_attname(req->relid, req->patient_attnum, false), format_type_be(type)),
 				 errhint("Patient ids must be integer, numeric, text, varchar, char or uuid.")));
 
-	execute_with_args("SELECT s.relid::pg_catalog.regclass::pg_catalog.text, a.atttypid, s.kind = 'patient'"
-					  " FROM portal_sync.source s"
-					  " JOIN pg_catalog.pg_attribute a ON a.attrelid = s.relid AND a.attnum = s.patient_attnum"
-					  " WHERE s.relid <> $1 AND ($2 OR s.kind = 'patient')",
+	execute_with_args(psprintf("SELECT s.relid::pg_catalog.regclass::pg_catalog.text, a.atttypid, s.kind = 'patient'"
+							   " FROM portal_sync.source s"
+							   " JOIN pg_catalog.pg_attribute a ON a.attrelid = s.relid AND %s"
+							   " WHERE s.relid <> $1 AND ($2 OR s.kind = 'patient')",
+							   source_settings_by_name() ? "a.attname = s.patient_col"
+							   : "a.attnum = s.patient_attnum"),
 					  2, types, values, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -662,15 +669,83 @@ check_name_is_free(AttachRequest *req)
 }
 
 /*
- * Insert or replace the table's row of portal_sync.source.
+ * A name as a datum of type name.
+ */
+static Datum
+name_datum(const char *name)
+{
+	return DirectFunctionCall1(namein, CStringGetDatum(name));
+}
+
+/*
+ * Insert or replace the table's row of portal_sync.source, as 1.1 keeps
+ * it: the table as a regclass, columns by name, rules as SQL text.
  */
 static void
-store_source(AttachRequest *req)
+store_source(AttachRequest *req, Relation rel)
 {
-	Oid			types[12] = {OIDOID, TEXTOID, TEXTOID, INT2OID, INT2OID, INT2OID,
-	INT2OID, TEXTOID, PG_NODE_TREEOID, TEXTOID, PG_NODE_TREEOID, INT2ARRAYOID};
-	Datum		values[12];
-	char		nulls[13] = "            ";
+	Oid			types[10] = {REGCLASSOID, TEXTOID, TEXTOID, NAMEOID, NAMEOID, NAMEOID,
+	NAMEOID, TEXTOID, TEXTOID, NAMEARRAYOID};
+	Datum		values[10];
+	char		nulls[11] = "          ";
+
+	values[0] = ObjectIdGetDatum(req->relid);
+	values[1] = CStringGetTextDatum(req->kind_name);
+	values[2] = CStringGetTextDatum(req->name);
+	values[3] = name_datum(get_attname(req->relid, req->patient_attnum, false));
+	values[4] = name_datum(get_attname(req->relid, req->key_attnum, false));
+	if (req->date_attnum != InvalidAttrNumber)
+		values[5] = name_datum(get_attname(req->relid, req->date_attnum, false));
+	else
+		nulls[5] = 'n';
+	if (req->privacy_attnum != InvalidAttrNumber)
+		values[6] = name_datum(get_attname(req->relid, req->privacy_attnum, false));
+	else
+		nulls[6] = 'n';
+	if (req->share_when != NULL)
+		values[7] = CStringGetTextDatum(rule_expr_deparse(rel, req->share_when));
+	else
+		nulls[7] = 'n';
+	if (req->enroll_when != NULL)
+		values[8] = CStringGetTextDatum(rule_expr_deparse(rel, req->enroll_when));
+	else
+		nulls[8] = 'n';
+	if (req->ncolumns > 0)
+	{
+		Datum	   *names = palloc(req->ncolumns * sizeof(Datum));
+
+		for (int i = 0; i < req->ncolumns; i++)
+			names[i] = name_datum(get_attname(req->relid, req->columns[i], false));
+		values[9] = PointerGetDatum(construct_array(names, req->ncolumns, NAMEOID,
+													NAMEDATALEN, false, TYPALIGN_CHAR));
+	}
+	else
+		nulls[9] = 'n';
+
+	execute_with_args("INSERT INTO portal_sync.source AS s (relid, kind, name,"
+					  "  patient_col, key_col, date_col, privacy_col, share_when, enroll_when, columns)"
+					  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+					  " ON CONFLICT (relid) DO UPDATE SET kind = excluded.kind,"
+					  "  name = excluded.name, patient_col = excluded.patient_col,"
+					  "  key_col = excluded.key_col, date_col = excluded.date_col,"
+					  "  privacy_col = excluded.privacy_col, share_when = excluded.share_when,"
+					  "  enroll_when = excluded.enroll_when, columns = excluded.columns,"
+					  "  attached_at = pg_catalog.now()",
+					  10, types, values, nulls, SPI_OK_INSERT);
+}
+
+/*
+ * Insert or replace the table's row of portal_sync.source in a 1.0
+ * schema (before ALTER EXTENSION ... UPDATE): attribute numbers and node
+ * trees, no columns list; the update converts them.
+ */
+static void
+store_source_version_1_0(AttachRequest *req)
+{
+	Oid			types[11] = {OIDOID, TEXTOID, TEXTOID, INT2OID, INT2OID, INT2OID,
+	INT2OID, TEXTOID, PG_NODE_TREEOID, TEXTOID, PG_NODE_TREEOID};
+	Datum		values[11];
+	char		nulls[12] = "           ";
 
 	values[0] = ObjectIdGetDatum(req->relid);
 	values[1] = CStringGetTextDatum(req->kind_name);
@@ -697,36 +772,21 @@ store_source(AttachRequest *req)
 	}
 	else
 		nulls[9] = nulls[10] = 'n';
-	if (req->ncolumns > 0)
-	{
-		Datum	   *attnums = palloc(req->ncolumns * sizeof(Datum));
 
-		for (int i = 0; i < req->ncolumns; i++)
-			attnums[i] = Int16GetDatum(req->columns[i]);
-		values[11] = PointerGetDatum(construct_array(attnums, req->ncolumns, INT2OID,
-													 sizeof(int16), true, TYPALIGN_SHORT));
-	}
-	else
-		nulls[11] = 'n';
-
-	/* the 1.0 schema, before ALTER EXTENSION ... UPDATE, has no columns */
-	execute_with_args(psprintf("INSERT INTO portal_sync.source AS s (relid, kind, name,"
-							   "  patient_attnum, key_attnum, date_attnum, privacy_attnum,"
-							   "  share_when_text, share_when, enroll_when_text, enroll_when%s)"
-							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11%s)"
-							   " ON CONFLICT (relid) DO UPDATE SET kind = excluded.kind,"
-							   "  name = excluded.name, patient_attnum = excluded.patient_attnum,"
-							   "  key_attnum = excluded.key_attnum, date_attnum = excluded.date_attnum,"
-							   "  privacy_attnum = excluded.privacy_attnum,"
-							   "  share_when_text = excluded.share_when_text,"
-							   "  share_when = excluded.share_when,"
-							   "  enroll_when_text = excluded.enroll_when_text,"
-							   "  enroll_when = excluded.enroll_when,%s"
-							   "  attached_at = pg_catalog.now()",
-							   req->has_columns_arg ? ", column_attnums" : "",
-							   req->has_columns_arg ? ", $12" : "",
-							   req->has_columns_arg ? " column_attnums = excluded.column_attnums," : ""),
-					  req->has_columns_arg ? 12 : 11, types, values, nulls, SPI_OK_INSERT);
+	execute_with_args("INSERT INTO portal_sync.source AS s (relid, kind, name,"
+					  "  patient_attnum, key_attnum, date_attnum, privacy_attnum,"
+					  "  share_when_text, share_when, enroll_when_text, enroll_when)"
+					  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+					  " ON CONFLICT (relid) DO UPDATE SET kind = excluded.kind,"
+					  "  name = excluded.name, patient_attnum = excluded.patient_attnum,"
+					  "  key_attnum = excluded.key_attnum, date_attnum = excluded.date_attnum,"
+					  "  privacy_attnum = excluded.privacy_attnum,"
+					  "  share_when_text = excluded.share_when_text,"
+					  "  share_when = excluded.share_when,"
+					  "  enroll_when_text = excluded.enroll_when_text,"
+					  "  enroll_when = excluded.enroll_when,"
+					  "  attached_at = pg_catalog.now()",
+					  11, types, values, nulls, SPI_OK_INSERT);
 }
 
 /*
@@ -808,18 +868,27 @@ partitions_of(Oid relid, LOCKMODE lockmode)
 }
 
 /*
- * Make the insert trigger depend on every column portal_sync reads, so that
- * they cannot be dropped or retyped while the table is attached.
+ * Make the insert trigger of an attached table depend on every column
+ * portal_sync reads, as its stored settings name them, so that they cannot
+ * be dropped or retyped while the table is attached.  Called by attach(),
+ * and when a restore (or anyone) creates the insert trigger of a table
+ * whose settings are there already: dependencies are not dumped.
  */
-static void
-record_column_dependencies(AttachRequest *req)
+void
+record_capture_dependencies(Oid relid)
 {
+	StoredSource stored;
 	ObjectAddress trigger;
-	AttrNumber	columns[4] = {req->patient_attnum, req->key_attnum,
-	req->date_attnum, req->privacy_attnum};
+	AttrNumber	columns[4];
 
+	if (!source_settings_read(relid, &stored))
+		return;
+	columns[0] = stored.patient_attnum;
+	columns[1] = stored.key_attnum;
+	columns[2] = stored.date_attnum;
+	columns[3] = stored.privacy_attnum;
 	ObjectAddressSet(trigger, TriggerRelationId,
-					 get_trigger_oid(req->relid, capture_triggers[0].name, false));
+					 get_trigger_oid(relid, capture_triggers[0].name, false));
 
 	for (int i = 0; i < lengthof(columns); i++)
 	{
@@ -827,23 +896,70 @@ record_column_dependencies(AttachRequest *req)
 
 		if (columns[i] == InvalidAttrNumber)
 			continue;
-		ObjectAddressSubSet(column, RelationRelationId, req->relid, columns[i]);
+		ObjectAddressSubSet(column, RelationRelationId, relid, columns[i]);
 		recordDependencyOn(&trigger, &column, DEPENDENCY_NORMAL);
 	}
 	/* the columns sent in data, like the others */
-	for (int i = 0; i < req->ncolumns; i++)
+	for (int i = 0; i < stored.ncolumns; i++)
 	{
 		ObjectAddress column;
 
-		ObjectAddressSubSet(column, RelationRelationId, req->relid, req->columns[i]);
+		ObjectAddressSubSet(column, RelationRelationId, relid, stored.columns[i]);
 		recordDependencyOn(&trigger, &column, DEPENDENCY_NORMAL);
 	}
-	if (req->share_when != NULL)
-		recordDependencyOnSingleRelExpr(&trigger, req->share_when, req->relid,
+	if (stored.share_when != NULL)
+		recordDependencyOnSingleRelExpr(&trigger, stored.share_when, relid,
 										DEPENDENCY_NORMAL, DEPENDENCY_NORMAL, false);
-	if (req->enroll_when != NULL)
-		recordDependencyOnSingleRelExpr(&trigger, req->enroll_when, req->relid,
+	if (stored.enroll_when != NULL)
+		recordDependencyOnSingleRelExpr(&trigger, stored.enroll_when, relid,
 										DEPENDENCY_NORMAL, DEPENDENCY_NORMAL, false);
+}
+
+/*
+ * Record the dependencies of every attached table's capture insert trigger
+ * that has none: pg_upgrade recreates the triggers before the settings'
+ * data is back, and so without them.  adopt(), which an upgraded cluster
+ * needs anyway, calls it.  The caller is connected to SPI.
+ */
+void
+repair_capture_dependencies(void)
+{
+	List	   *relids = NIL;
+	ListCell   *lc;
+
+	if (SPI_execute("SELECT s.relid::pg_catalog.oid FROM portal_sync.source s"
+					" JOIN pg_catalog.pg_trigger t"
+					"   ON t.tgrelid = s.relid AND t.tgname = 'portal_sync_capture_insert'"
+					" WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d"
+					"   WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass"
+					"     AND d.objid = t.oid AND d.refobjsubid > 0)",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading the capture triggers failed");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		relids = lappend_oid(relids, DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+																	SPI_tuptable->tupdesc, 1, &isnull)));
+	}
+	foreach(lc, relids)
+	{
+		Relation	rel = table_open(lfirst_oid(lc), ShareRowExclusiveLock);
+
+		record_capture_dependencies(RelationGetRelid(rel));
+		table_close(rel, NoLock);
+	}
+	CommandCounterIncrement();
+}
+
+/*
+ * Is attach() creating capture triggers?  It records their dependencies
+ * itself, so the utility hook must not record them twice.
+ */
+bool
+attach_is_creating_triggers(void)
+{
+	return creating_triggers;
 }
 
 /*
@@ -854,17 +970,28 @@ record_column_dependencies(AttachRequest *req)
 static void
 create_capture_triggers(AttachRequest *req)
 {
+	List	   *partitions = partitions_of(req->relid, ShareRowExclusiveLock);
 	ListCell   *lc;
 
-	drop_capture_triggers(req->relid);
-	add_capture_triggers(req->relid);
-	record_column_dependencies(req);
-	foreach(lc, partitions_of(req->relid, ShareRowExclusiveLock))
+	creating_triggers = true;
+	PG_TRY();
 	{
-		drop_capture_triggers(lfirst_oid(lc));
-		add_capture_triggers(lfirst_oid(lc));
-		CacheInvalidateRelcacheByRelid(lfirst_oid(lc));
+		drop_capture_triggers(req->relid);
+		add_capture_triggers(req->relid);
+		foreach(lc, partitions)
+		{
+			drop_capture_triggers(lfirst_oid(lc));
+			add_capture_triggers(lfirst_oid(lc));
+			CacheInvalidateRelcacheByRelid(lfirst_oid(lc));
+		}
 	}
+	PG_FINALLY();
+	{
+		creating_triggers = false;
+	}
+	PG_END_TRY();
+	CommandCounterIncrement();
+	record_capture_dependencies(req->relid);
 }
 
 /*
@@ -927,7 +1054,10 @@ portal_sync_attach(PG_FUNCTION_ARGS)
 	check_patient_type(&req, rel);
 	check_key_type(&req, rel);
 	check_no_attached_partition(&req);
-	store_source(&req);
+	if (source_settings_by_name())
+		store_source(&req, rel);
+	else
+		store_source_version_1_0(&req);
 	create_capture_triggers(&req);
 
 	SPI_finish();
@@ -992,22 +1122,20 @@ portal_sync_detach(PG_FUNCTION_ARGS)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	execute_with_args("DELETE FROM portal_sync.source WHERE relid = $1"
-					  " RETURNING source_id, kind, name, patient_attnum, key_attnum",
+	/* every column: a 1.0 schema names them otherwise, and has no retract */
+	execute_with_args("DELETE FROM portal_sync.source WHERE relid = $1 RETURNING *",
 					  1, types, values, NULL, SPI_OK_DELETE_RETURNING);
 	if (SPI_processed > 0 && retract)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[0];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		int32		source_id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
-		char	   *kind = SPI_getvalue(tuple, desc, 2);
-		char	   *name = SPI_getvalue(tuple, desc, 3);
-		AttrNumber	patient_attnum = DatumGetInt16(SPI_getbinval(tuple, desc, 4, &isnull));
-		AttrNumber	key_attnum = DatumGetInt16(SPI_getbinval(tuple, desc, 5, &isnull));
 
-		queue_retraction(rel, source_id, kind, name,
-						 get_attname(relid, patient_attnum, false),
-						 get_attname(relid, key_attnum, false));
+		queue_retraction(rel,
+						 DatumGetInt32(SPI_getbinval(tuple, desc, SPI_fnumber(desc, "source_id"), &isnull)),
+						 SPI_getvalue(tuple, desc, SPI_fnumber(desc, "kind")),
+						 SPI_getvalue(tuple, desc, SPI_fnumber(desc, "name")),
+						 SPI_getvalue(tuple, desc, SPI_fnumber(desc, "patient_col")),
+						 SPI_getvalue(tuple, desc, SPI_fnumber(desc, "key_col")));
 	}
 	else if (SPI_processed > 0)
 	{

@@ -13,6 +13,9 @@
  * nothing until a superuser calls portal_sync.adopt(), which gives the
  * copy an installation id of its own and resends, as resync_all() does,
  * every enrolled patient's record and every patient's insurance under it.
+ * A cluster upgraded with pg_upgrade is a copy too; adopt() records again
+ * the capture triggers' column dependencies, which pg_upgrade does not
+ * carry.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -94,6 +97,7 @@ portal_sync_adopt(PG_FUNCTION_ARGS)
 	/* the original may have sent on after the dump: seqs go on above it */
 	if (SPI_execute("SELECT portal_sync.advance_seq_to_clock()", false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "moving the copy's seqs up failed");
+	repair_capture_dependencies();
 	/* as resync_all(): every enrolled patient's record, everyone's insurance */
 	if (SPI_execute("SELECT portal_sync.resync_all()", false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "queueing the copy's snapshots failed");

@@ -496,7 +496,7 @@ chart_patient_column_type(void)
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute("SELECT a.atttypid FROM portal_sync.source s"
 					" JOIN pg_catalog.pg_attribute a"
-					"   ON a.attrelid = s.relid AND a.attnum = s.patient_attnum"
+					"   ON a.attrelid = s.relid AND a.attname = s.patient_col"
 					" WHERE s.kind = 'patient' ORDER BY s.source_id LIMIT 1",
 					true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading portal_sync.source failed");

@@ -22,8 +22,8 @@
  *
  * A partition's row format can differ from the attached table's (a
  * column dropped from the parent before the partition was created, a
- * table created on its own and then attached), so the attached table's
- * columns are found in a partition by name (partition_column_map).
+ * table created on its own and then attached): the settings name columns,
+ * and the source cache resolves those names against the partition itself.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -31,7 +31,6 @@
  */
 #include "postgres.h"
 
-#include "access/attmap.h"
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
@@ -55,42 +54,6 @@
 #include "portal_sync.h"
 
 static ProcessUtility_hook_type prev_process_utility = NULL;
-
-/*
- * For each column of the attached table (index attnum - 1), the number of
- * the column of the same name in the partition; 0 for a dropped column of
- * the attached table.  Capture reads a partition's rows in the
- * partition's own row format, and the settings name the attached table's
- * columns: this is the one place where the two meet.
- */
-AttrMap *
-partition_column_map(Oid attached_relid, Oid partition_relid)
-{
-	HeapTuple	class = SearchSysCache1(RELOID, ObjectIdGetDatum(attached_relid));
-	AttrNumber	natts;
-	AttrMap    *map;
-
-	if (!HeapTupleIsValid(class))
-		elog(ERROR, "cache lookup failed for relation %u", attached_relid);
-	natts = ((Form_pg_class) GETSTRUCT(class))->relnatts;
-	ReleaseSysCache(class);
-	map = make_attrmap(natts);
-
-	for (AttrNumber attnum = 1; attnum <= natts; attnum++)
-	{
-		HeapTuple	tuple = SearchSysCache2(ATTNUM, ObjectIdGetDatum(attached_relid),
-											Int16GetDatum(attnum));
-		Form_pg_attribute attr;
-
-		if (!HeapTupleIsValid(tuple))
-			continue;
-		attr = (Form_pg_attribute) GETSTRUCT(tuple);
-		if (!attr->attisdropped)
-			map->attnums[attnum - 1] = get_attnum(partition_relid, NameStr(attr->attname));
-		ReleaseSysCache(tuple);
-	}
-	return map;
-}
 
 /*
  * The settings a table's writes are captured with, if it is an attached

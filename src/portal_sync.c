@@ -208,6 +208,7 @@ _PG_init(void)
 	shared_state_install_hooks();
 	database_hook_install();
 	partition_hook_install();
+	attachment_ddl_install();
 	register_launcher();
 
 	/* a misspelt portal_sync.* setting is reported instead of ignored */

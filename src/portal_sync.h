@@ -112,6 +112,10 @@ typedef struct SourceConfig
 } SourceConfig;
 
 extern SourceConfig *source_config_lookup(Oid relid);
+extern void record_capture_dependencies(Oid relid);
+extern void repair_capture_dependencies(void);
+extern bool attach_is_creating_triggers(void);
+extern void attachment_ddl_install(void);
 extern Oid	portal_sync_relid(const char *relname);
 extern Oid	portal_sync_relid_if_exists(const char *relname);
 
@@ -121,7 +125,6 @@ extern void drop_capture_triggers(Oid relid);
 extern List *partitions_of(Oid relid, LOCKMODE lockmode);
 
 /* Partitioned tables (partitions.c) */
-extern struct AttrMap *partition_column_map(Oid attached_relid, Oid partition_relid);
 extern void partition_hook_install(void);
 
 /* Rows that come or go with a whole table (capture.c) */
@@ -129,7 +132,34 @@ extern void capture_table_rows(Relation rel, bool removed);
 
 /* Rule expressions: share_when and enroll_when (rule_expr.c) */
 extern Node *rule_expr_compile(Relation rel, const char *text, const char *what);
-extern Expr *rule_expr_load(const char *node_string);
+extern char *rule_expr_deparse(Relation rel, Node *expr);
+extern Node *rule_expr_analyze_stored(Relation rel, const char *text, const char *what);
+extern Node *rule_expr_load_node_tree(const char *node_string);
+
+/*
+ * The stored settings of one attached table, resolved against the table
+ * as it is now: columns by number, rules analyzed (source_cache.c).
+ */
+typedef struct StoredSource
+{
+	int32		source_id;
+	SourceKind	kind;
+	char	   *kind_name;
+	char	   *name;
+	AttrNumber	patient_attnum;
+	AttrNumber	key_attnum;
+	AttrNumber	date_attnum;	/* InvalidAttrNumber: none */
+	AttrNumber	privacy_attnum;
+	Node	   *share_when;		/* analyzed, or NULL */
+	Node	   *enroll_when;
+	int			ncolumns;		/* -1: every column is sent */
+	AttrNumber *columns;
+} StoredSource;
+
+extern bool source_settings_by_name(void);
+extern bool source_settings_read(Oid relid, StoredSource *stored);
+extern bool source_is_attached(Oid relid);
+extern List *source_attached_relids(void);
 
 /* Outbox writing (outbox.c) */
 typedef struct OutboxWriter OutboxWriter;

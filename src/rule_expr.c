@@ -4,9 +4,14 @@
  *		The share_when and enroll_when expressions of attached tables.
  *
  * A rule is a boolean expression over the columns of one row of the
- * attached table.  It is checked once, when the table is attached, and kept
- * as an analyzed node tree (like a CHECK constraint), so that later changes
- * of search_path or column names cannot change what it means.  Only
+ * attached table.  It is checked when the table is attached and kept as
+ * SQL text, deparsed from the analyzed expression with search_path set to
+ * pg_catalog alone, so that every name outside pg_catalog is qualified:
+ * the text means the same whatever the search_path of whoever reads it,
+ * and, unlike a node tree, a dump and restore or pg_upgrade carry it.
+ * Capture parses and analyzes it again, with the same search_path, when it
+ * loads the settings (once per invalidation, never per row).  Renaming a
+ * column the rule reads deparses it again (attachment_ddl.c).  Only
  * built-in, non-volatile functions and operators are allowed and it cannot
  * hold a subquery: a rule can never run a statement or read another table.
  *
@@ -24,7 +29,10 @@
 #include "parser/parse_expr.h"
 #include "parser/parse_relation.h"
 #include "parser/parser.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
 
 #include "portal_sync.h"
 
@@ -218,13 +226,56 @@ rule_expr_compile(Relation rel, const char *text, const char *what)
 }
 
 /*
- * Turn a stored rule back into an expression ready for ExecInitExpr in the
- * current memory context.
+ * Turn a rule as a 1.0 schema stores it (a node tree, before ALTER
+ * EXTENSION ... UPDATE) back into an analyzed expression.
  */
-Expr *
-rule_expr_load(const char *node_string)
+Node *
+rule_expr_load_node_tree(const char *node_string)
 {
-	Node	   *node = stringToNode(node_string);
+	return stringToNode(node_string);
+}
 
-	return expression_planner((Expr *) node);
+/*
+ * Set search_path to pg_catalog alone until the returned nest level is
+ * closed with AtEOXact_GUC(true, level): stored rules are deparsed and
+ * parsed under it, so that their text does not depend on the session.
+ */
+static int
+stored_rule_search_path(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("search_path", "pg_catalog", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+/*
+ * The text a rule is stored as: the analyzed expression deparsed over the
+ * relation's columns, names outside pg_catalog qualified.
+ */
+char *
+rule_expr_deparse(Relation rel, Node *expr)
+{
+	int			level = stored_rule_search_path();
+	Datum		deparsed;
+
+	deparsed = DirectFunctionCall2(pg_get_expr, CStringGetTextDatum(nodeToString(expr)),
+							   ObjectIdGetDatum(RelationGetRelid(rel)));
+	AtEOXact_GUC(true, level);
+	return TextDatumGetCString(deparsed);
+}
+
+/*
+ * A stored rule analyzed against the relation as it is now (its columns
+ * by name), checked as attach() checks it.
+ */
+Node *
+rule_expr_analyze_stored(Relation rel, const char *text, const char *what)
+{
+	int			level = stored_rule_search_path();
+	Node	   *expr = rule_expr_compile(rel, text, what);
+
+	AtEOXact_GUC(true, level);
+	return expr;
 }

@@ -6,14 +6,18 @@
  * The capture triggers run on every write of the EHR, so the settings of
  * an attached table are read from portal_sync.source once per backend and
  * kept until a relcache invalidation of that table says they may have
- * changed (attach, detach and any ALTER TABLE send one).  Among them is
- * what capture derives from the settings: which columns an UPDATE must
- * change to be recorded.  A partition of an attached partitioned table
- * has an entry of its own: the settings of its topmost attached ancestor,
- * with the columns mapped by name to the partition's own row format
- * (attach, detach, and ATTACH / DETACH PARTITION invalidate the
- * partition's entry: they change its triggers).  The OIDs of the
- * extension's own relations are cached the same way.
+ * changed (attach, detach and any ALTER TABLE send one), or one of
+ * portal_sync.source itself (its trigger sends one at every change, a
+ * pg_restore's COPY included).  The settings name columns and hold rules
+ * as SQL text: they are resolved against the table and analyzed here, at
+ * load, never per row.  Among them is what capture derives from the
+ * settings: which columns an UPDATE must change to be recorded.  A
+ * partition of an attached partitioned table has an entry of its own: the
+ * settings of its topmost attached ancestor, whose names are resolved
+ * against the partition's own row format (attach, detach, and ATTACH /
+ * DETACH PARTITION invalidate the partition's entry: they change its
+ * triggers).  The OIDs of the extension's own relations are cached the
+ * same way.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -25,13 +29,12 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
-#include "access/attmap.h"
-#include "catalog/partition.h"
 #include "catalog/namespace.h"
+#include "catalog/partition.h"
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "nodes/bitmapset.h"
 #include "optimizer/optimizer.h"
-#include "rewrite/rewriteManip.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -44,18 +47,7 @@
 
 #include "portal_sync.h"
 
-/* Column numbers of portal_sync.source, as created by the install script. */
-#define Anum_source_source_id		1
-#define Anum_source_relid			2
-#define Anum_source_kind			3
-#define Anum_source_name			4
-#define Anum_source_patient_attnum	5
-#define Anum_source_key_attnum		6
-#define Anum_source_date_attnum		7
-#define Anum_source_privacy_attnum	8
-#define Anum_source_share_when		10
-#define Anum_source_enroll_when		12
-#define Anum_source_column_attnums	14	/* since 1.1 */
+PG_FUNCTION_INFO_V1(portal_sync_source_changed);
 
 typedef struct CachedSource
 {
@@ -71,6 +63,9 @@ typedef struct RelationOidCache
 } RelationOidCache;
 
 static HTAB *source_cache = NULL;
+
+/* portal_sync.source when the cached settings were read from it */
+static Oid	settings_relid = InvalidOid;
 
 static RelationOidCache relation_oids[] = {
 	{"source", InvalidOid},
@@ -126,6 +121,9 @@ source_kind_enrolls(SourceKind kind)
 static void
 source_cache_invalidate(Datum arg, Oid relid)
 {
+	bool		all_settings = relid == InvalidOid ||
+		(OidIsValid(settings_relid) && relid == settings_relid);
+
 	for (RelationOidCache *entry = relation_oids; entry->relname; entry++)
 	{
 		if (relid == InvalidOid || entry->relid == relid)
@@ -144,7 +142,7 @@ source_cache_invalidate(Datum arg, Oid relid)
 		hash_seq_init(&status, source_cache);
 		while ((cached = hash_seq_search(&status)) != NULL)
 		{
-			if (relid == InvalidOid || cached->relid == relid)
+			if (all_settings || cached->relid == relid)
 				cached->config.valid = false;
 		}
 	}
@@ -214,6 +212,23 @@ portal_sync_relid(const char *relname)
 }
 
 /*
+ * portal_sync.source_changed(): statement trigger of portal_sync.source.
+ * Whoever changed the settings (attach, a rename, a restore's COPY or
+ * INSERTs), every backend's capture and the delivery worker load them
+ * again.
+ */
+Datum
+portal_sync_source_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "portal_sync.source_changed() must be called as a trigger");
+	CacheInvalidateRelcacheByRelid(RelationGetRelid(trigdata->tg_relation));
+	return PointerGetDatum(NULL);
+}
+
+/*
  * The number of attributes of a table, dropped ones included.
  */
 static AttrNumber
@@ -261,12 +276,166 @@ add_attnum(Bitmapset *attnums, AttrNumber attnum)
 }
 
 /*
- * qsort comparator of attribute numbers.
+ * The column of portal_sync.source with this name, or 0.  Looked up by
+ * name: a schema updated from 1.0 holds dropped columns, so numbers differ
+ * from a fresh install's.
  */
-static int
-compare_attnums(const void *a, const void *b)
+static AttrNumber
+settings_column(TupleDesc desc, const char *name)
 {
-	return (int) *(const AttrNumber *) a - (int) *(const AttrNumber *) b;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute attr = TupleDescAttr(desc, i);
+
+		if (!attr->attisdropped && strcmp(NameStr(attr->attname), name) == 0)
+			return attr->attnum;
+	}
+	return InvalidAttrNumber;
+}
+
+/*
+ * A column of portal_sync.source's tuple; *isnull if it is NULL or the
+ * schema has no such column.
+ */
+static Datum
+settings_value(HeapTuple tuple, TupleDesc desc, const char *name, bool *isnull)
+{
+	AttrNumber	attnum = settings_column(desc, name);
+
+	if (attnum == InvalidAttrNumber)
+	{
+		*isnull = true;
+		return (Datum) 0;
+	}
+	return heap_getattr(tuple, attnum, desc, isnull);
+}
+
+/*
+ * Does portal_sync.source keep columns by name and rules as text (1.1)?
+ * A 1.0 schema, until ALTER EXTENSION ... UPDATE, keeps attribute numbers
+ * and node trees, and this library still captures into it.
+ */
+bool
+source_settings_by_name(void)
+{
+	return get_attnum(portal_sync_relid("source"), "patient_col") != InvalidAttrNumber;
+}
+
+/*
+ * The attribute number of a column the settings name, which must exist:
+ * attach() checked it, the capture trigger's dependencies keep it from
+ * being dropped, and a rename rewrites the name.
+ */
+static AttrNumber
+stored_column(Oid relid, const char *column, const char *argname)
+{
+	AttrNumber	attnum = get_attnum(relid, column);
+
+	if (attnum == InvalidAttrNumber || attnum < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of attached table \"%s\" does not exist",
+						column, get_rel_name(relid)),
+				 errdetail("portal_sync.source gives it as %s.", argname),
+				 errhint("Attach the table again with portal_sync.attach().")));
+	return attnum;
+}
+
+/*
+ * A column number of 1.0's settings, or InvalidAttrNumber for NULL.
+ */
+static AttrNumber
+stored_attnum(HeapTuple tuple, TupleDesc desc, const char *name)
+{
+	bool		isnull;
+	Datum		value = settings_value(tuple, desc, name, &isnull);
+
+	return isnull ? InvalidAttrNumber : DatumGetInt16(value);
+}
+
+/*
+ * A named column of the settings (1.1), or InvalidAttrNumber for NULL.
+ */
+static AttrNumber
+stored_named_column(Oid relid, HeapTuple tuple, TupleDesc desc, const char *name)
+{
+	bool		isnull;
+	Datum		value = settings_value(tuple, desc, name, &isnull);
+
+	return isnull ? InvalidAttrNumber
+		: stored_column(relid, NameStr(*DatumGetName(value)), name);
+}
+
+/*
+ * A rule of the settings, analyzed against the table, or NULL.
+ */
+static Node *
+stored_rule(Oid relid, HeapTuple tuple, TupleDesc desc, const char *name, bool by_name)
+{
+	bool		isnull;
+	Datum		value = settings_value(tuple, desc, name, &isnull);
+	Relation	rel;
+	Node	   *expr;
+
+	if (isnull)
+		return NULL;
+	if (!by_name)
+		return rule_expr_load_node_tree(TextDatumGetCString(value));
+	rel = relation_open(relid, AccessShareLock);
+	expr = rule_expr_analyze_stored(rel, TextDatumGetCString(value), name);
+	relation_close(rel, NoLock);
+	return expr;
+}
+
+/*
+ * Resolve one tuple of portal_sync.source against its table, in the
+ * current memory context.
+ */
+static void
+resolve_settings(Oid relid, HeapTuple tuple, TupleDesc desc, StoredSource *stored)
+{
+	bool		by_name = settings_column(desc, "patient_col") != InvalidAttrNumber;
+	bool		isnull;
+	Datum		value;
+
+	memset(stored, 0, sizeof(StoredSource));
+	stored->source_id = DatumGetInt32(settings_value(tuple, desc, "source_id", &isnull));
+	stored->kind_name = TextDatumGetCString(settings_value(tuple, desc, "kind", &isnull));
+	if (!source_kind_from_name(stored->kind_name, &stored->kind))
+		elog(ERROR, "portal_sync.source holds an unknown kind");
+	stored->name = TextDatumGetCString(settings_value(tuple, desc, "name", &isnull));
+	stored->ncolumns = -1;
+
+	if (by_name)
+	{
+		stored->patient_attnum = stored_named_column(relid, tuple, desc, "patient_col");
+		stored->key_attnum = stored_named_column(relid, tuple, desc, "key_col");
+		stored->date_attnum = stored_named_column(relid, tuple, desc, "date_col");
+		stored->privacy_attnum = stored_named_column(relid, tuple, desc, "privacy_col");
+		value = settings_value(tuple, desc, "columns", &isnull);
+		if (!isnull)
+		{
+			Datum	   *elements;
+			int			count;
+
+			deconstruct_array(DatumGetArrayTypeP(value), NAMEOID, NAMEDATALEN, false,
+							  TYPALIGN_CHAR, &elements, NULL, &count);
+			stored->ncolumns = count;
+			stored->columns = palloc(Max(count, 1) * sizeof(AttrNumber));
+			for (int i = 0; i < count; i++)
+				stored->columns[i] = stored_column(relid, NameStr(*DatumGetName(elements[i])),
+												   "columns");
+		}
+	}
+	else
+	{
+		stored->patient_attnum = stored_attnum(tuple, desc, "patient_attnum");
+		stored->key_attnum = stored_attnum(tuple, desc, "key_attnum");
+		stored->date_attnum = stored_attnum(tuple, desc, "date_attnum");
+		stored->privacy_attnum = stored_attnum(tuple, desc, "privacy_attnum");
+	}
+	stored->share_when = stored_rule(relid, tuple, desc, "share_when", by_name);
+	stored->enroll_when = stored_rule(relid, tuple, desc, "enroll_when", by_name);
 }
 
 /*
@@ -279,49 +448,23 @@ compare_attnums(const void *a, const void *b)
  * column (which every UPDATE changes) makes every update count.
  */
 static void
-load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc,
-					  Expr *enroll_when, AttrMap *map)
+load_compared_columns(SourceConfig *config, StoredSource *stored)
 {
 	Bitmapset  *attnums = NULL;
-	bool		isnull;
-	Datum		value;
-	bool		all_columns = true;
+	bool		all_columns = stored->ncolumns < 0;
 	AttrNumber	natts = relation_natts(config->relid);
 	int			member = -1;
 
-	/* the attached table's numbers; mapped to the partition's below */
-	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum,
-															 desc, &isnull)));
-	attnums = add_attnum(attnums, DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum,
-															 desc, &isnull)));
-	value = heap_getattr(tuple, Anum_source_date_attnum, desc, &isnull);
-	if (!isnull)
-		attnums = add_attnum(attnums, DatumGetInt16(value));
-	value = heap_getattr(tuple, Anum_source_privacy_attnum, desc, &isnull);
-	if (!isnull)
-		attnums = add_attnum(attnums, DatumGetInt16(value));
-	value = heap_getattr(tuple, Anum_source_share_when, desc, &isnull);
-	if (!isnull)
-		pull_varattnos(stringToNode(TextDatumGetCString(value)), 1, &attnums);
-	if (enroll_when != NULL)
-		pull_varattnos((Node *) enroll_when, 1, &attnums);
-
-	/* a 1.0 schema has no columns list: every column is sent */
-	if (desc->natts >= Anum_source_column_attnums)
-	{
-		value = heap_getattr(tuple, Anum_source_column_attnums, desc, &isnull);
-		if (!isnull)
-		{
-			Datum	   *elements;
-			int			count;
-
-			deconstruct_array(DatumGetArrayTypeP(value), INT2OID, sizeof(int16), true,
-							  TYPALIGN_SHORT, &elements, NULL, &count);
-			for (int i = 0; i < count; i++)
-				attnums = add_attnum(attnums, DatumGetInt16(elements[i]));
-			all_columns = false;
-		}
-	}
+	attnums = add_attnum(attnums, stored->patient_attnum);
+	attnums = add_attnum(attnums, stored->key_attnum);
+	attnums = add_attnum(attnums, stored->date_attnum);
+	attnums = add_attnum(attnums, stored->privacy_attnum);
+	if (stored->share_when != NULL)
+		pull_varattnos(stored->share_when, 1, &attnums);
+	if (stored->enroll_when != NULL)
+		pull_varattnos(stored->enroll_when, 1, &attnums);
+	for (int i = 0; i < stored->ncolumns; i++)
+		attnums = add_attnum(attnums, stored->columns[i]);
 	if (bms_is_member(0 - FirstLowInvalidHeapAttributeNumber, attnums))
 		all_columns = true;
 
@@ -340,54 +483,29 @@ load_compared_columns(SourceConfig *config, HeapTuple tuple, TupleDesc desc,
 	{
 		AttrNumber	attnum = member + FirstLowInvalidHeapAttributeNumber;
 
-		/* the attached table's column, as the partition numbers it */
-		if (attnum > 0 && map != NULL)
-			attnum = attnum <= map->maplen ? map->attnums[attnum - 1] : InvalidAttrNumber;
 		if (attnum < 0)
 			config->every_update_counts = true;
 		else if (attnum > 0 && !all_columns && attnum <= natts &&
 				 !column_is_dropped(config->relid, attnum))
 			config->compared_attnums[config->ncompared++] = attnum;
 	}
-	/* ascending: a partition may number the columns in another order */
-	if (map != NULL && !all_columns)
-		qsort(config->compared_attnums, config->ncompared, sizeof(AttrNumber),
-			  compare_attnums);
 	config->compare_whole_row = all_columns && config->ncompared == natts;
 }
 
 /*
- * A column of the attached table as the table capture fires on numbers
- * it (the same table, or a partition: see partition_column_map).
- */
-static AttrNumber
-mapped_attnum(AttrMap *map, AttrNumber attnum)
-{
-	if (map == NULL || attnum == InvalidAttrNumber)
-		return attnum;
-	if (attnum > map->maplen || map->attnums[attnum - 1] == InvalidAttrNumber)
-		elog(ERROR, "a column of an attached table is missing from its partition");
-	return map->attnums[attnum - 1];
-}
-
-/*
- * Fill a cache entry from the tuple of portal_sync.source for its table,
- * the cached table itself or its topmost attached ancestor.
+ * Fill a cache entry from the tuple of portal_sync.source for its table.
  */
 static void
 load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc,
 				   Oid attached_relid)
 {
 	SourceConfig *config = &cached->config;
-	bool		isnull;
-	Datum		value;
+	StoredSource stored;
 	Oid			typoutput;
 	bool		typisvarlena;
 	Oid			patient_type;
 	Oid			key_type;
 	MemoryContext oldcontext;
-	AttrMap    *map = NULL;
-	Expr	   *enroll_when;
 
 	if (cached->context == NULL)
 		cached->context = AllocSetContextCreate(CacheMemoryContext,
@@ -400,15 +518,13 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc,
 	memset(config, 0, sizeof(SourceConfig));
 	config->relid = cached->relid;
 	config->attached_relid = attached_relid;
-	if (attached_relid != cached->relid)
-		map = partition_column_map(attached_relid, cached->relid);
-	config->source_id = DatumGetInt32(heap_getattr(tuple, Anum_source_source_id, desc, &isnull));
-	if (!source_kind_from_name(TextDatumGetCString(heap_getattr(tuple, Anum_source_kind, desc, &isnull)),
-							   &config->kind))
-		elog(ERROR, "portal_sync.source holds an unknown kind");
-	config->name = TextDatumGetCString(heap_getattr(tuple, Anum_source_name, desc, &isnull));
-	config->patient_attnum = mapped_attnum(map, DatumGetInt16(heap_getattr(tuple, Anum_source_patient_attnum, desc, &isnull)));
-	config->key_attnum = mapped_attnum(map, DatumGetInt16(heap_getattr(tuple, Anum_source_key_attnum, desc, &isnull)));
+	/* by name: a partition may number the columns otherwise */
+	resolve_settings(config->relid, tuple, desc, &stored);
+	config->source_id = stored.source_id;
+	config->kind = stored.kind;
+	config->name = stored.name;
+	config->patient_attnum = stored.patient_attnum;
+	config->key_attnum = stored.key_attnum;
 
 	patient_type = get_atttype(config->relid, config->patient_attnum);
 	getTypeOutputInfo(patient_type, &typoutput, &typisvarlena);
@@ -422,72 +538,50 @@ load_source_config(CachedSource *cached, HeapTuple tuple, TupleDesc desc,
 	get_typlenbyval(key_type, &config->key_typlen, &config->key_byval);
 	config->key_type = getBaseType(key_type);
 
-	value = heap_getattr(tuple, Anum_source_enroll_when, desc, &isnull);
-	enroll_when = isnull ? NULL : rule_expr_load(TextDatumGetCString(value));
+	config->enroll_when = stored.enroll_when == NULL ? NULL
+		: expression_planner((Expr *) copyObject(stored.enroll_when));
 
-	load_compared_columns(config, tuple, desc, enroll_when, map);
-
-	/* the rule reads the partition's rows, in its row format */
-	config->enroll_when = enroll_when;
-	if (enroll_when != NULL && map != NULL)
-	{
-		bool		found_whole_row;
-
-		config->enroll_when = (Expr *)
-			map_variable_attnos((Node *) enroll_when, 1, 0, map,
-								get_rel_type_id(attached_relid), &found_whole_row);
-	}
+	load_compared_columns(config, &stored);
 
 	MemoryContextSwitchTo(oldcontext);
 	config->valid = true;
 }
 
 /*
- * The settings of an attached table, or NULL if it is not attached.  A
- * partition (at any level) of an attached partitioned table gets the
- * settings of its topmost attached ancestor, mapped to its own columns.
- *
- * portal_sync.source is read directly, with the latest snapshot, so that
- * the EHR's roles need no privilege on it.
+ * Find the tuple of portal_sync.source for a table, or with
+ * with_ancestors for the topmost of the table and its partition ancestors
+ * that is attached, and pass it to the callback with the attached table's
+ * OID; false if none is attached.  portal_sync.source is read directly,
+ * with the latest snapshot, so that the EHR's roles need no privilege on
+ * it.
  */
-SourceConfig *
-source_config_lookup(Oid relid)
+static bool
+scan_settings(Oid relid, bool with_ancestors,
+			  void (*found) (HeapTuple, TupleDesc, Oid, void *), void *arg)
 {
-	CachedSource *cached;
-	bool		found;
 	Relation	rel;
 	TableScanDesc scan;
 	HeapTuple	tuple;
 	Snapshot	snapshot;
-	List	   *candidates;
+	AttrNumber	relid_attnum;
+	List	   *candidates = list_make1_oid(relid);
 	HeapTuple	best = NULL;
 	int			best_level = -1;
 	Oid			best_relid = InvalidOid;
 
-	if (source_cache == NULL)
-		source_cache_init();
-
-	cached = hash_search(source_cache, &relid, HASH_ENTER, &found);
-	if (!found)
-	{
-		cached->context = NULL;
-		cached->config.valid = false;
-	}
-	if (cached->config.valid)
-		return &cached->config;
-
 	/* the table, then its ancestors up to the root of its partition tree */
-	candidates = list_make1_oid(relid);
-	if (get_rel_relispartition(relid))
+	if (with_ancestors && get_rel_relispartition(relid))
 		candidates = list_concat(candidates, get_partition_ancestors(relid));
 
-	rel = table_open(portal_sync_relid("source"), AccessShareLock);
+	settings_relid = portal_sync_relid("source");
+	rel = table_open(settings_relid, AccessShareLock);
+	relid_attnum = settings_column(RelationGetDescr(rel), "relid");
 	snapshot = RegisterSnapshot(GetLatestSnapshot());
 	scan = table_beginscan(rel, snapshot, 0, NULL);
 	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
 	{
 		bool		isnull;
-		Oid			row_relid = DatumGetObjectId(heap_getattr(tuple, Anum_source_relid,
+		Oid			row_relid = DatumGetObjectId(heap_getattr(tuple, relid_attnum,
 															  RelationGetDescr(rel), &isnull));
 		int			level = 0;
 		ListCell   *lc;
@@ -509,11 +603,121 @@ source_config_lookup(Oid relid)
 	UnregisterSnapshot(snapshot);
 	if (best != NULL)
 	{
-		load_source_config(cached, best, RelationGetDescr(rel), best_relid);
+		found(best, RelationGetDescr(rel), best_relid, arg);
 		heap_freetuple(best);
 	}
 	table_close(rel, AccessShareLock);
 	list_free(candidates);
+	return best != NULL;
+}
 
+/* scan_settings() callbacks */
+static void
+found_for_cache(HeapTuple tuple, TupleDesc desc, Oid attached_relid, void *arg)
+{
+	load_source_config((CachedSource *) arg, tuple, desc, attached_relid);
+}
+
+typedef struct SettingsReadArg
+{
+	Oid			relid;
+	StoredSource *stored;
+} SettingsReadArg;
+
+static void
+found_for_read(HeapTuple tuple, TupleDesc desc, Oid attached_relid, void *arg)
+{
+	SettingsReadArg *read = (SettingsReadArg *) arg;
+
+	resolve_settings(read->relid, tuple, desc, read->stored);
+}
+
+/*
+ * The settings of an attached table, or NULL if it is not attached.  A
+ * partition (at any level) of an attached partitioned table gets the
+ * settings of its topmost attached ancestor, resolved against its own
+ * columns.
+ */
+SourceConfig *
+source_config_lookup(Oid relid)
+{
+	CachedSource *cached;
+	bool		found;
+
+	if (source_cache == NULL)
+		source_cache_init();
+
+	cached = hash_search(source_cache, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		cached->context = NULL;
+		cached->config.valid = false;
+	}
+	if (cached->config.valid)
+		return &cached->config;
+
+	(void) scan_settings(relid, true, found_for_cache, cached);
 	return cached->config.valid ? &cached->config : NULL;
+}
+
+/*
+ * The stored settings of a table resolved against it as it is now, read
+ * afresh (not cached), in the current memory context; false if the table
+ * is not attached.
+ */
+bool
+source_settings_read(Oid relid, StoredSource *stored)
+{
+	SettingsReadArg arg = {relid, stored};
+
+	if (source_cache == NULL)
+		source_cache_init();
+	return scan_settings(relid, false, found_for_read, &arg);
+}
+
+/* scan_settings() callback that only notes the table is attached */
+static void
+found_nothing_to_do(HeapTuple tuple, TupleDesc desc, Oid attached_relid, void *arg)
+{
+}
+
+/*
+ * Is this table attached?  Read afresh, without resolving its settings.
+ */
+bool
+source_is_attached(Oid relid)
+{
+	if (source_cache == NULL)
+		source_cache_init();
+	return scan_settings(relid, false, found_nothing_to_do, NULL);
+}
+
+/*
+ * The OIDs of every attached table, read afresh.
+ */
+List *
+source_attached_relids(void)
+{
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	Snapshot	snapshot;
+	AttrNumber	relid_attnum;
+	List	   *relids = NIL;
+
+	rel = table_open(portal_sync_relid("source"), AccessShareLock);
+	relid_attnum = settings_column(RelationGetDescr(rel), "relid");
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snapshot, 0, NULL);
+	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		bool		isnull;
+
+		relids = lappend_oid(relids, DatumGetObjectId(heap_getattr(tuple, relid_attnum,
+																   RelationGetDescr(rel), &isnull)));
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(rel, AccessShareLock);
+	return relids;
 }

@@ -7,9 +7,10 @@
  * event is sent and decides there whether it is shareable (date cutoff,
  * privacy level, share_when).  The statements are generated per source
  * from the catalog: identifiers through quote_identifier, values through
- * parameters, the rule through pg_get_expr of its analyzed form.  The
- * worker's search_path holds only pg_catalog, so the deparsed rule means
- * what it meant when it was attached.
+ * parameters, the rule as its stored text is analyzed again (checked as
+ * attach() checks it) and deparsed: never the stored text as it is.  The
+ * worker's search_path holds only pg_catalog, and the text names every
+ * other schema, so the rule means what it meant when it was attached.
  *
  * Parameters of every statement here: $1 the date cutoff (date, may be
  * NULL), $2 max_privacy_level (int), $3 the keys or patient ids (text[] or
@@ -22,6 +23,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/relation.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -120,6 +122,27 @@ shareable_sql(const char *date_col, const char *privacy_col, const char *share_w
 }
 
 /*
+ * A source's stored share_when as the worker splices it into its
+ * statements: analyzed against the table as capture analyzes it (one
+ * expression over the row's columns, nothing forbidden), then deparsed,
+ * so that whatever the stored text holds, the statement gets exactly one
+ * canonical expression.  NULL for none.
+ */
+static char *
+checked_share_when(Oid relid, const char *stored)
+{
+	Relation	rel;
+	char	   *text;
+
+	if (stored == NULL)
+		return NULL;
+	rel = relation_open(relid, AccessShareLock);
+	text = rule_expr_deparse(rel, rule_expr_analyze_stored(rel, stored, "share_when"));
+	relation_close(rel, AccessShareLock);
+	return text;
+}
+
+/*
  * The SQL that turns row "t" into a JSON object, given the names of the
  * columns sent in data: all of them, or the source's columns list
  * ("listed").  Naming the columns (json_build_object) rather than the
@@ -192,23 +215,23 @@ load_worker_sources(void)
 	ret = spi_query("SELECT s.source_id, s.kind, s.name, n.nspname, c.relname,"
 					  " pa.attname, pg_catalog.format_type(pa.atttypid, NULL),"
 					  " ka.attname, pg_catalog.format_type(ka.atttypid, NULL),"
-					  " da.attname, va.attname, pg_catalog.pg_get_expr(s.share_when, s.relid),"
+					  " da.attname, va.attname, s.share_when,"
 					  " ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a"
 					  "       WHERE a.attrelid = s.relid AND a.attnum > 0 AND NOT a.attisdropped"
-					  "         AND (s.column_attnums IS NULL OR a.attnum = ANY (s.column_attnums))"
-					  "       ORDER BY COALESCE(pg_catalog.array_position(s.column_attnums, a.attnum),"
+					  "         AND (s.columns IS NULL OR a.attname = ANY (s.columns))"
+					  "       ORDER BY COALESCE(pg_catalog.array_position(s.columns, a.attname),"
 					  "                         a.attnum))::pg_catalog.text[],"
 					  " pa.atttypid, ka.atttypid,"
 					  " (SELECT pg_catalog.format_type(ca.atttypid, NULL) FROM portal_sync.source cs"
-					  "  JOIN pg_catalog.pg_attribute ca ON ca.attrelid = cs.relid AND ca.attnum = cs.patient_attnum"
-					  "  WHERE cs.kind = 'patient'), s.relid, s.column_attnums IS NOT NULL"
+					  "  JOIN pg_catalog.pg_attribute ca ON ca.attrelid = cs.relid AND ca.attname = cs.patient_col"
+					  "  WHERE cs.kind = 'patient'), s.relid, s.columns IS NOT NULL"
 					  " FROM portal_sync.source s"
 					  " JOIN pg_catalog.pg_class c ON c.oid = s.relid"
 					  " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-					  " JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attnum = s.patient_attnum"
-					  " JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attnum = s.key_attnum"
-					  " LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attnum = s.date_attnum"
-					  " LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attnum = s.privacy_attnum"
+					  " JOIN pg_catalog.pg_attribute pa ON pa.attrelid = s.relid AND pa.attname = s.patient_col"
+					  " JOIN pg_catalog.pg_attribute ka ON ka.attrelid = s.relid AND ka.attname = s.key_col"
+					  " LEFT JOIN pg_catalog.pg_attribute da ON da.attrelid = s.relid AND da.attname = s.date_col"
+					  " LEFT JOIN pg_catalog.pg_attribute va ON va.attrelid = s.relid AND va.attname = s.privacy_col"
 					  " ORDER BY s.source_id",
 					  0, NULL, NULL, NULL, true);
 	if (ret != SPI_OK_SELECT)
@@ -230,7 +253,9 @@ load_worker_sources(void)
 		char	   *key_type = SPI_getvalue(tuple, desc, 9);
 		char	   *date_col = SPI_getvalue(tuple, desc, 10);
 		char	   *privacy_col = SPI_getvalue(tuple, desc, 11);
-		char	   *shareable = shareable_sql(date_col, privacy_col, SPI_getvalue(tuple, desc, 12));
+		Oid			relid = DatumGetObjectId(SPI_getbinval(tuple, desc, 17, &isnull));
+		char	   *shareable = shareable_sql(date_col, privacy_col,
+											  checked_share_when(relid, SPI_getvalue(tuple, desc, 12)));
 		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull),
 											DatumGetBool(SPI_getbinval(tuple, desc, 18, &isnull)));
 
