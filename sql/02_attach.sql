@@ -144,6 +144,8 @@ SELECT portal_sync.attach('scratch.t', 'clinical', 'pid', share_when => 'nextval
 \echo :SQLSTATE
 SELECT portal_sync.attach('scratch.t', 'clinical', 'pid', share_when => 'pg_sleep(1) IS NULL');
 \echo :SQLSTATE
+SELECT portal_sync.attach('scratch.t', 'clinical', 'pid', share_when => 'row_to_json(t) IS NOT NULL');
+\echo :SQLSTATE
 SELECT portal_sync.attach('scratch.t', 'clinical', 'pid', share_when => 'scratch.is_ok(pid)');
 \echo :SQLSTATE
 SELECT portal_sync.attach('scratch.t', 'clinical', 'pid', share_when => 'pid OPERATOR(scratch.===) 1');

@@ -666,6 +666,22 @@ check_name_is_free(AttachRequest *req)
 				 errmsg("source name \"%s\" is already used by %s", req->name,
 						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1)),
 				 errhint("Give another name with the name argument.")));
+
+	/*
+	 * A retraction still being delivered sends deletes under its name,
+	 * which would take the new attachment's items off the portal.  (A 1.0
+	 * schema has no retractions.)
+	 */
+	if (portal_sync_relid_if_exists("retraction") == InvalidOid)
+		return;
+	execute_with_args("SELECT 1 FROM portal_sync.retraction WHERE name = $1",
+					  1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("source name \"%s\" is still being retracted", req->name),
+				 errdetail("The deletes of a table detached with retract => true under this name are not all delivered yet."),
+				 errhint("Attach it again once portal_sync.retraction no longer lists the name, or give another name with the name argument.")));
 }
 
 /*

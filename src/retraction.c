@@ -51,6 +51,23 @@ queue_retraction(Relation rel, int32 source_id, const char *kind, const char *na
 	char	   *sql;
 	int			ret;
 
+	/*
+	 * Without a chart source every chart counts as unrestricted: the
+	 * retraction's entries would send restricted patients' records.
+	 */
+	if (strcmp(kind, "patient") == 0)
+	{
+		ret = SPI_execute("SELECT 1 FROM portal_sync.source", true, 1);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "reading portal_sync.source failed: %s", SPI_result_code_string(ret));
+		if (SPI_processed > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("the chart source \"%s\" cannot be retracted while other tables are attached", name),
+					 errdetail("Without a chart source every chart counts as unrestricted."),
+					 errhint("Detach or retract the other tables first.")));
+	}
+
 	sql = psprintf("INSERT INTO portal_sync.outbox (seq, patient_id, source_id, op, keys, captured_at)"
 				   " SELECT pg_catalog.nextval('portal_sync.outbox_seq'::pg_catalog.regclass),"
 				   "        r.patient, $1, 'd', r.keys, pg_catalog.statement_timestamp()"

@@ -21,6 +21,7 @@
  */
 #include "postgres.h"
 
+#include "access/sysattr.h"
 #include "access/transam.h"
 #include "nodes/nodeFuncs.h"
 #include "optimizer/optimizer.h"
@@ -208,6 +209,21 @@ rule_expr_compile(Relation rel, const char *text, const char *what)
 
 	expr = coerce_to_boolean(pstate, expr, what);
 	assign_expr_collations(pstate, expr);
+
+	/*
+	 * The whole row would be stored under the table's name, which a
+	 * partition, a rename or a restore does not keep: capture would fail.
+	 */
+	{
+		Bitmapset  *attnums = NULL;
+
+		pull_varattnos(expr, 1, &attnums);
+		if (bms_is_member(0 - FirstLowInvalidHeapAttributeNumber, attnums))
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("%s cannot use the whole row", what),
+					 errhint("Name the columns the rule reads.")));
+	}
 
 	if (contain_volatile_functions(expr))
 		ereport(ERROR,

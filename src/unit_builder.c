@@ -388,6 +388,7 @@ load_sources(UnitBuilder *builder)
 {
 	ListCell   *lc;
 
+	worker_sources_check_retractions();
 	foreach(lc, worker_sources())
 	{
 		WorkerSource *source = lfirst(lc);
@@ -1282,10 +1283,14 @@ serve_entry(UnitBuilder *builder, int entry_index)
 	 * resumed snapshot keeps its older seq).  C-CDA documents are not in
 	 * snapshots: they wait for its acceptance.
 	 */
-	if (patient->enrolled && !patient->waiting && entry_index < patient->last_request &&
-		!source_rows->source->retracting)
+	if (patient->enrolled && !patient->waiting && entry_index < patient->last_request)
 	{
-		if (source_rows->source->kind == SOURCE_CCDA)
+		/*
+		 * A retracted source is in no snapshot: its deletes wait for the
+		 * next unit, after the snapshot (whose seq may be an older one,
+		 * resumed).
+		 */
+		if (source_rows->source->kind == SOURCE_CCDA || source_rows->source->retracting)
 			builder->unit->held++;
 		else
 			patient->deferred_requests = lappend_int(patient->deferred_requests, entry_index);

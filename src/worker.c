@@ -125,6 +125,7 @@ typedef struct RoundFailure
 	int64		retry_after_ms; /* the longest Retry-After, -1: none */
 	char	   *error;			/* of the first failure */
 	bool		auth;			/* an authentication failure */
+	bool		breaker;		/* the breaker tripped in this round */
 } RoundFailure;
 
 /* What the worker is in the middle of. */
@@ -1117,11 +1118,16 @@ act_on_answer(DeliveryState *delivery, Lane *lane, const HttpRequest *request,
 						  ? psprintf("request failed: %s", result->transport_error)
 						  : psprintf("the portal answered HTTP %d", status),
 						  false);
-	else if (batch->count == 1 && delivery->refusals_in_row >= REFUSALS_BEFORE_BACKOFF &&
-			 delivery->refusal_status == status)
+	else if (batch->count == 1 &&
+			 ((delivery->refusals_in_row >= REFUSALS_BEFORE_BACKOFF &&
+			   delivery->refusal_status == status) || delivery->failure.breaker))
 	{
-		/* the breaker: the portal refuses everything, not this event */
+		/*
+		 * The breaker: the portal refuses everything, not this event.  The
+		 * other lanes of the round dead-letter nothing more either.
+		 */
 		delivery->refusals_in_row = 0;
+		delivery->failure.breaker = true;
 		retry_batch_later(delivery, lane, result, sent_at,
 						  psprintf("the portal refused %d events in a row, each alone, with HTTP %d: backing off before dead-lettering more",
 								   REFUSALS_BEFORE_BACKOFF, status),
@@ -1400,7 +1406,11 @@ guarded_delivery_step(DeliveryState *delivery)
 /*
  * Between two steps (no request in flight, no transaction open): end this
  * worker's turn if the launcher asks, because other databases wait for a
- * worker (launcher.c).  A unit half sent is finished first.
+ * worker (launcher.c).  A unit half sent is finished first, but not one
+ * that waits, backing off, to send batches of unknown outcome again: the
+ * portal may be down for long, and other databases must get their turn.
+ * Those batches are then built again at the next turn, as after a
+ * restart (docs/wire-protocol.md, Retries).
  */
 static void
 end_turn_if_asked(DeliveryState *delivery, uint64 wakes_seen)
@@ -1410,7 +1420,7 @@ end_turn_if_asked(DeliveryState *delivery, uint64 wakes_seen)
 	LWLockAcquire(portal_sync_shared->lock, LW_SHARED);
 	asked = my_slot->yield_requested;
 	LWLockRelease(portal_sync_shared->lock);
-	if (!asked || delivery->unit != NULL)
+	if (!asked || (delivery->unit != NULL && !delivery->unit_cut))
 		return;
 	registry_end_turn(my_slot, my_slot->state != WORKER_IDLE,
 					  delivery->next_attempt_at, wakes_seen);

@@ -171,6 +171,45 @@ worker_sources(void)
 }
 
 /*
+ * Forget the list when the retractions it holds are not those the
+ * caller's snapshot sees: a detach(..., retract => true) that committed is
+ * visible a moment before its invalidations arrive, and its entries must
+ * never be read with a list in which the table is still attached.  The
+ * caller is connected to SPI, with the snapshot it builds a unit with.
+ */
+void
+worker_sources_check_retractions(void)
+{
+	ListCell   *lc;
+	uint64		row = 0;
+	bool		same = true;
+
+	if (!sources_valid)
+		return;
+	if (spi_query("SELECT source_id FROM portal_sync.retraction ORDER BY source_id",
+				  0, NULL, NULL, NULL, true) != SPI_OK_SELECT)
+		elog(ERROR, "reading portal_sync.retraction failed");
+	foreach(lc, sources)
+	{
+		WorkerSource *source = lfirst(lc);
+		bool		isnull;
+
+		if (!source->retracting)
+			continue;
+		if (row >= SPI_processed ||
+			DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
+										1, &isnull)) != source->source_id)
+			same = false;
+		row++;
+	}
+	if (row != SPI_processed)
+		same = false;
+	SPI_freetuptable(SPI_tuptable);
+	if (!same)
+		sources_valid = false;
+}
+
+/*
  * Load the list again at the next call (after an error of the step).
  */
 void

@@ -177,12 +177,15 @@ sub pump
 # Requests the worker abandoned (SIGTERM): n => when it exited.
 my %abandoned_at;
 
-# The end of a request's time in flight, for the worker.
+# The end of a request's time in flight, for the worker.  The portal notes
+# a request when it arrives, some time after the worker started it and
+# its http_timeout: a request not answered within about http_timeout may
+# have been given up by the worker up to that delay (0.3 s here) earlier.
 sub wend
 {
 	my ($r) = @_;
 	my $end = $r->{answered_at} // $r->{closed_at} // 1e12;
-	$end = $r->{time} + $T if $r->{time} + $T < $end;
+	$end = $r->{time} + $T - 0.3 if $r->{time} + $T - 0.3 < $end;
 	$end = $abandoned_at{ $r->{n} } if defined $abandoned_at{ $r->{n} } && $abandoned_at{ $r->{n} } < $end;
 	return $end;
 }

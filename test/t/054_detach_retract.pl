@@ -117,12 +117,20 @@ one(q{SELECT portal_sync.detach('ehr.allergy', retract => true);
 	  DROP TABLE ehr.allergy;});
 sleep 1;
 
-# 4. retracted, then attached again at once: its rows come back
-one(q{SELECT portal_sync.detach('ehr.problem', retract => true)});
-one(q{SELECT portal_sync.attach('ehr.problem', 'clinical', 'patient_id',
+# 4. retracted, then attached again: refused under the same name while
+# its deletes are not all delivered (they would take the new attachment's
+# items off the portal); once they are, its rows come back
+my $attach_problem = q{SELECT portal_sync.attach('ehr.problem', 'clinical', 'patient_id',
 						  date_col => 'noted_on', privacy_col => 'privacy_level',
-						  share_when => 'status <> ''entered_in_error''');
-	  SELECT portal_sync.resync_all();});
+						  share_when => 'status <> ''entered_in_error''')};
+$portal->modes({ mode => 'status', status => 503 });
+one(q{SELECT portal_sync.detach('ehr.problem', retract => true)});
+my ($ret, $out, $err) = $node->psql($db, "\\set VERBOSITY verbose\n$attach_problem");
+like($err, qr/55006.*still being retracted/s, 'attached again while its retraction is delivered: refused (55006)');
+$portal->mode({ mode => 'ok' });
+ok(ps_wait_until(sub { one(q{SELECT count(*) FROM portal_sync.retraction}) == 0 }, 'retraction over', 60),
+	'the retraction of problem is over');
+one($attach_problem . q{; SELECT portal_sync.resync_all();});
 sleep 1;
 stop_writer($writer);
 ps_check_settled($node, $db, $portal, 'allergy dropped, problem attached again', resends => 1);
@@ -135,6 +143,11 @@ one(q{SELECT portal_sync.detach('ehr.visit_note')});
 one(q{UPDATE ehr.visit_note SET body = 'after detach'});
 ok(ps_wait_drained($node, $db), 'plain detach: drained');
 is(portal_count('visit_note'), $notes, "plain detach: the portal keeps the items it had ($notes)");
+
+# 6. the chart cannot be retracted while other tables are attached
+($ret, $out, $err) = $node->psql($db, "\\set VERBOSITY verbose\nSELECT portal_sync.detach('ehr.patient', retract => true)");
+like($err, qr/55000.*cannot be retracted while other tables are attached/s,
+	'the chart source is not retracted while other tables are attached (55000)');
 
 is(one(q{SELECT count(*) FROM portal_sync.outbox}), 0, 'nothing is left in the outbox');
 is(one(q{SELECT count(*) FROM portal_sync.retraction}), 0, 'every retraction is over and forgotten');
