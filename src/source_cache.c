@@ -74,6 +74,7 @@ static RelationOidCache relation_oids[] = {
 	{"enrollment", InvalidOid},
 	{"outbox_enroll_request", InvalidOid},
 	{"skipped_row", InvalidOid},
+	{"retraction", InvalidOid},
 	{NULL, InvalidOid}
 };
 
