@@ -388,7 +388,7 @@ load_sources(UnitBuilder *builder)
 {
 	ListCell   *lc;
 
-	worker_sources_check_retractions();
+	worker_sources_check_snapshot();
 	foreach(lc, worker_sources())
 	{
 		WorkerSource *source = lfirst(lc);

@@ -33,6 +33,9 @@ static MemoryContext sources_context = NULL;
 static List *sources = NIL;
 static bool sources_valid = false;
 static bool callbacks_registered = false;
+static char *sources_signature = NULL;	/* read_signature() at the load */
+
+static char *read_signature(void);
 
 /* OIDs the list depends on, for the relcache callback (no catalog access there) */
 static Oid *source_relids = NULL;
@@ -125,6 +128,7 @@ load_sources(void)
 	else
 		MemoryContextReset(sources_context);
 	source_relids = NULL;
+	sources_signature = NULL;
 
 	sources_valid = true;
 	PG_TRY();
@@ -132,6 +136,7 @@ load_sources(void)
 		oldcontext = MemoryContextSwitchTo(sources_context);
 		source_table_relid = portal_sync_relid("source");
 		sources = list_concat(load_worker_sources(), load_retracting_sources());
+		sources_signature = read_signature();
 		source_relids = palloc(Max(list_length(sources), 1) * sizeof(Oid));
 		foreach(lc, sources)
 			source_relids[i++] = ((WorkerSource *) lfirst(lc))->relid;
@@ -171,42 +176,45 @@ worker_sources(void)
 }
 
 /*
- * Forget the list when the retractions it holds are not those the
- * caller's snapshot sees: a detach(..., retract => true) that committed is
- * visible a moment before its invalidations arrive, and its entries must
- * never be read with a list in which the table is still attached.  The
+ * What the list was loaded from: every attached source with the
+ * transaction that last wrote its settings, and every retraction.  Read
+ * with the caller's snapshot.
+ */
+static char *
+read_signature(void)
+{
+	char	   *signature;
+
+	if (spi_query("SELECT pg_catalog.string_agg(k, ',' ORDER BY k) FROM"
+				  " (SELECT 's' || source_id || ':' || xmin::pg_catalog.text AS k"
+				  "  FROM portal_sync.source"
+				  "  UNION ALL SELECT 'r' || source_id FROM portal_sync.retraction) x",
+				  0, NULL, NULL, NULL, true) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading portal_sync.source failed");
+	signature = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	SPI_freetuptable(SPI_tuptable);
+	return signature ? signature : pstrdup("");
+}
+
+/*
+ * Forget the list when the caller's snapshot sees other settings than the
+ * list was loaded from: an attach(), a detach(..., retract => true) or a
+ * re-attach that committed is visible a moment before its invalidations
+ * arrive, and the entries or snapshot requests it queued in the same
+ * transaction must never be read with the list as it was before.  The
  * caller is connected to SPI, with the snapshot it builds a unit with.
  */
 void
-worker_sources_check_retractions(void)
+worker_sources_check_snapshot(void)
 {
-	ListCell   *lc;
-	uint64		row = 0;
-	bool		same = true;
+	char	   *signature;
 
 	if (!sources_valid)
 		return;
-	if (spi_query("SELECT source_id FROM portal_sync.retraction ORDER BY source_id",
-				  0, NULL, NULL, NULL, true) != SPI_OK_SELECT)
-		elog(ERROR, "reading portal_sync.retraction failed");
-	foreach(lc, sources)
-	{
-		WorkerSource *source = lfirst(lc);
-		bool		isnull;
-
-		if (!source->retracting)
-			continue;
-		if (row >= SPI_processed ||
-			DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc,
-										1, &isnull)) != source->source_id)
-			same = false;
-		row++;
-	}
-	if (row != SPI_processed)
-		same = false;
-	SPI_freetuptable(SPI_tuptable);
-	if (!same)
+	signature = read_signature();
+	if (sources_signature == NULL || strcmp(signature, sources_signature) != 0)
 		sources_valid = false;
+	pfree(signature);
 }
 
 /*

@@ -14,6 +14,6 @@
 
 extern List *worker_sources(void);
 extern void worker_sources_forget(void);
-extern void worker_sources_check_retractions(void);
+extern void worker_sources_check_snapshot(void);
 
 #endif							/* PORTAL_SYNC_WORKER_SOURCES_H */
