@@ -108,7 +108,9 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1:log_pa
 
 say "sanitizer runtime preloaded into the copy's postgres"
 ASAN_LIB=$(readlink -f "$ASAN_RT")                     # .../libasan.so.8.0.0
-GPG_ERROR=$(ldconfig -p | awk '$1 == "libgpg-error.so.0" && /x86-64/ { print $NF; exit }')
+# awk reads all of ldconfig's output: exiting at the first match would
+# end ldconfig with SIGPIPE, and pipefail would stop this script (exit 141).
+GPG_ERROR=$(ldconfig -p | awk '$1 == "libgpg-error.so.0" && /x86-64/ && found == "" { found = $NF } END { print found }')
 [ -n "$GPG_ERROR" ] || die "libgpg-error.so.0 not found (ldconfig -p)"
 command -v patchelf >/dev/null || die "patchelf missing: apt-get install patchelf"
 mkdir -p "$WORK/preload"
@@ -159,7 +161,7 @@ as_owner make -C "$WORK/build" -j"$JOBS" PG_CONFIG="$PRIV_CONFIG" CC="$CC" with_
 	{ tail -n 40 "$WORK/build.log"; die "build failed"; }
 as_owner make -C "$WORK/build" install PG_CONFIG="$PRIV_CONFIG" with_llvm=no >>"$WORK/build.log" 2>&1 ||
 	{ tail -n 40 "$WORK/build.log"; die "install failed"; }
-ldd "$WORK/pg$PKGLIB/lib/portal_sync.so" | grep -q libasan || die "portal_sync.so is not instrumented"
+ldd "$WORK/pg$PKGLIB/lib/portal_sync.so" | grep libasan >/dev/null || die "portal_sync.so is not instrumented"
 build_end=$(date +%s)
 
 say "make installcheck against the sanitized server ($TESTS)"
