@@ -148,10 +148,12 @@ checked_share_when(Oid relid, const char *stored)
  * ("listed").  Naming the columns (json_build_object) rather than the
  * whole row (to_json(t)) keeps the executor from copying the whole
  * detoasted row: with a C-CDA document of megabytes that copy is the size
- * of the document.  A function takes at most 100 arguments, so wide tables
- * use to_json(t), and a list too long for json_build_object the to_json
- * of a row of the listed columns alone.  Data must never hold a column
- * the list leaves out, whatever the path.
+ * of the document.  The result stays of type json: a cast to text is an
+ * I/O conversion, two more copies of the document while the row is read.
+ * A function takes at most 100 arguments, so wide tables use to_json(t),
+ * and a list too long for json_build_object the to_json of a row of the
+ * listed columns alone.  Data must never hold a column the list leaves
+ * out, whatever the path.
  */
 static char *
 row_json_sql(Datum column_names, bool listed)
@@ -169,11 +171,11 @@ row_json_sql(Datum column_names, bool listed)
 		for (int i = 0; i < count; i++)
 			appendStringInfo(&sql, "%st.%s", i > 0 ? ", " : "",
 							 quote_identifier(TextDatumGetCString(names[i])));
-		appendStringInfoString(&sql, ") r))::pg_catalog.text");
+		appendStringInfoString(&sql, ") r))");
 		return sql.data;
 	}
 	if (!listed && (count == 0 || count * 2 > FUNC_MAX_ARGS))
-		return "pg_catalog.to_json(t)::pg_catalog.text";
+		return "pg_catalog.to_json(t)";
 
 	initStringInfo(&sql);
 	appendStringInfoString(&sql, "pg_catalog.json_build_object(");
@@ -185,7 +187,42 @@ row_json_sql(Datum column_names, bool listed)
 			appendStringInfoString(&sql, ", ");
 		appendStringInfo(&sql, "%s, t.%s", quote_literal_cstr(name), quote_identifier(name));
 	}
-	appendStringInfoString(&sql, ")::pg_catalog.text");
+	appendStringInfoChar(&sql, ')');
+	return sql.data;
+}
+
+/*
+ * The SQL that estimates the bytes of row "t"'s data: the text of each
+ * column sent, plus its name and punctuation.  It never builds the JSON:
+ * octet_length of a text column reads the size from its TOAST header, so
+ * a document of megabytes is not even detoasted to be measured (the other
+ * types are written as text one column at a time).  Escaping is left out,
+ * as limiting a unit to about max_batch_bytes allows.
+ */
+static char *
+row_size_sql(Datum column_names)
+{
+	Datum	   *names;
+	int			count;
+	int			overhead = 2;
+	StringInfoData sql;
+
+	deconstruct_array(DatumGetArrayTypeP(column_names), TEXTOID, -1, false,
+					  TYPALIGN_INT, &names, NULL, &count);
+	if (count == 0)
+		return "pg_catalog.octet_length(t::pg_catalog.text)::pg_catalog.int8";
+	initStringInfo(&sql);
+	appendStringInfoString(&sql, "(0::pg_catalog.int8");
+	for (int i = 0; i < count; i++)
+	{
+		char	   *name = TextDatumGetCString(names[i]);
+
+		/* "name":value, */
+		overhead += strlen(name) + 4;
+		appendStringInfo(&sql, " + COALESCE(pg_catalog.octet_length(t.%s::pg_catalog.text), 4)",
+						 quote_identifier(name));
+	}
+	appendStringInfo(&sql, " + %d)", overhead);
 	return sql.data;
 }
 
@@ -258,6 +295,7 @@ load_worker_sources(void)
 											  checked_share_when(relid, SPI_getvalue(tuple, desc, 12)));
 		char	   *row_json = row_json_sql(SPI_getbinval(tuple, desc, 13, &isnull),
 											DatumGetBool(SPI_getbinval(tuple, desc, 18, &isnull)));
+		char	   *row_size = row_size_sql(SPI_getbinval(tuple, desc, 13, &isnull));
 
 		/* a patient id is a value of the chart's type (attach checks it) */
 		char	   *id_type = chart_patient_type ? chart_patient_type : patient_type;
@@ -298,9 +336,9 @@ load_worker_sources(void)
 					 key_text, row_json, rel, patient_col, id_type, shareable, key_col);
 		source->snapshots.third_type = TEXTARRAYOID;
 		source->row_sizes.sql =
-			psprintf("SELECT %s, pg_catalog.octet_length(%s)"
+			psprintf("SELECT %s, %s"
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
-					 key_text, row_json, rel, key_col, key_type);
+					 key_text, row_size, rel, key_col, key_type);
 		source->row_sizes.third_type = TEXTARRAYOID;
 		source->row_owner.sql =
 			psprintf("SELECT %s FROM %s t"
@@ -659,7 +697,7 @@ read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes)
 		RowSize    *size = string_map_enter(sizes, id, &found);
 		Datum		bytes = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
 
-		size->bytes = isnull ? 0 : (size_t) DatumGetInt32(bytes);
+		size->bytes = isnull ? 0 : (size_t) DatumGetInt64(bytes);
 	}
 	SPI_freetuptable(SPI_tuptable);
 }

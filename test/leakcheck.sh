@@ -72,7 +72,7 @@
 # the 10 MB document (with glibc's default dynamic thresholds the worker
 # keeps about 15 MiB of freed heap, in which a leak of that size would
 # hide).  T = 4 MiB fails a leak of 16 bytes per event (0.6 MiB per
-# phase).  The peaks (25-64 MiB, while a 10 MB document is read and sent)
+# phase).  The peaks (20-42 MiB, while a 10 MB document is read and sent)
 # depend on when a sample falls during that read, not on how long the
 # worker has run (CI saw the second half's highest 11 MiB above the
 # first's with flat idle figures): memory freed after each send is no
