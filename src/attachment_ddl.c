@@ -5,7 +5,8 @@
  *
  * portal_sync.source names the columns of an attached table and keeps its
  * rules as SQL text, so that pg_dump / pg_restore carry them.  Two utility
- * statements need portal_sync to act in the same transaction:
+ * statements need portal_sync to act in the same transaction (steps run
+ * by the ProcessUtility hook, utility_hook.c):
  *
  * ALTER TABLE ... RENAME COLUMN of an attached table (or of a parent of
  * one): before the rename the stored settings are resolved (columns to
@@ -38,7 +39,6 @@
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "storage/lmgr.h"
-#include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -46,10 +46,9 @@
 #include "utils/rel.h"
 
 #include "portal_sync.h"
+#include "utility_hook.h"
 
 #define CAPTURE_INSERT_TRIGGER "portal_sync_capture_insert"
-
-static ProcessUtility_hook_type prev_process_utility = NULL;
 
 /* An attached table's settings as resolved before a rename. */
 typedef struct RenamedSource
@@ -106,11 +105,12 @@ settings_before_column_rename(RenameStmt *stmt)
 }
 
 /*
- * The attached tables whose stored settings a utility statement may make
- * stale, resolved before it runs; NIL for most statements.
+ * Before a utility statement (utility_hook.c): the attached tables whose
+ * stored settings it may make stale, resolved while the old names still
+ * exist; NIL for most statements.
  */
-static List *
-settings_before(Node *statement)
+List *
+attachment_ddl_before_utility(Node *statement)
 {
 	ObjectType	type;
 
@@ -240,38 +240,15 @@ after_create_trigger(CreateTrigStmt *stmt)
 }
 
 /*
- * ProcessUtility hook: around renames, and after CREATE TRIGGER.
- */
-static void
-attachment_ddl_process_utility(PlannedStmt *pstmt, const char *queryString,
-							   bool readOnlyTree, ProcessUtilityContext context,
-							   ParamListInfo params, QueryEnvironment *queryEnv,
-							   DestReceiver *dest, QueryCompletion *qc)
-{
-	Node	   *statement = pstmt->utilityStmt;
-	List	   *renamed = NIL;
-
-	renamed = settings_before(statement);
-
-	if (prev_process_utility)
-		prev_process_utility(pstmt, queryString, readOnlyTree, context,
-							 params, queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
-
-	if (renamed != NIL)
-		settings_after(renamed);
-	if (IsA(statement, CreateTrigStmt))
-		after_create_trigger((CreateTrigStmt *) statement);
-}
-
-/*
- * Install the hook (from _PG_init).
+ * After a utility statement succeeded (utility_hook.c): the settings
+ * resolved before it rewritten, and a restored capture trigger's
+ * dependencies recorded.
  */
 void
-attachment_ddl_install(void)
+attachment_ddl_after_utility(Node *statement, List *resolved)
 {
-	prev_process_utility = ProcessUtility_hook;
-	ProcessUtility_hook = attachment_ddl_process_utility;
+	if (resolved != NIL)
+		settings_after(resolved);
+	if (IsA(statement, CreateTrigStmt))
+		after_create_trigger((CreateTrigStmt *) statement);
 }

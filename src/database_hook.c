@@ -14,7 +14,8 @@
  * fails on its own permission check, and delivery goes on.  At the commit
  * of a CREATE DATABASE the registry of databases learns whether the new
  * database has the extension (its template has it), so that a copy's
- * worker soon says that the copy needs adoption.
+ * worker soon says that the copy needs adoption.  The steps run from
+ * portal_sync's ProcessUtility hook (utility_hook.c).
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -30,12 +31,12 @@
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "storage/procarray.h"
-#include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/timestamp.h"
 
 #include "portal_sync.h"
 #include "shared_state.h"
+#include "utility_hook.h"
 
 /*
  * Safety limit of a pause whose end was never recorded (the backend
@@ -43,8 +44,6 @@
  * ends with it).
  */
 #define DATABASE_PAUSE_LIMIT_MS	(10 * 60 * 1000)
-
-static ProcessUtility_hook_type prev_process_utility = NULL;
 
 /* The database this transaction created, and its template, or InvalidOid. */
 static Oid	created_database = InvalidOid;
@@ -135,10 +134,12 @@ pause_worker_of_database(Oid dboid)
 }
 
 /*
- * End this backend's pause and have the launcher start the worker again.
+ * End this backend's pause and have the launcher start the worker again;
+ * called by the utility hook once the statement ended, successfully or
+ * not.
  */
-static void
-end_pause(int index, Oid dboid)
+void
+database_pause_end(int index, Oid dboid)
 {
 	DatabasePause *pause = &portal_sync_shared->pauses[index];
 
@@ -214,73 +215,30 @@ note_database_created(CreatedbStmt *statement)
 }
 
 /*
- * Run a utility statement the next hook or the server's own way.
+ * Before a utility statement (utility_hook.c): if the statement needs a
+ * database without connections and the current role may drop that
+ * database, pause the database's worker.  Returns the pause's index, to
+ * be ended by database_pause_end() however the statement ends, and sets
+ * *dboid; or -1 when there is no pause.
  */
-static void
-run_utility(PlannedStmt *pstmt, const char *queryString,
-			bool readOnlyTree, ProcessUtilityContext context,
-			ParamListInfo params, QueryEnvironment *queryEnv,
-			DestReceiver *dest, QueryCompletion *qc)
+int
+database_pause_before_utility(Node *statement, Oid *dboid)
 {
-	if (prev_process_utility)
-		prev_process_utility(pstmt, queryString, readOnlyTree, context,
-							 params, queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
-}
-
-/*
- * ProcessUtility hook: pause the worker of the database the statement
- * needs, if the current role may drop that database, for as long as the
- * statement runs.
- */
-static void
-portal_sync_process_utility(PlannedStmt *pstmt, const char *queryString,
-							bool readOnlyTree, ProcessUtilityContext context,
-							ParamListInfo params, QueryEnvironment *queryEnv,
-							DestReceiver *dest, QueryCompletion *qc)
-{
-	volatile Oid dboid = InvalidOid;
-	volatile int pause_index = -1;
-
-	/* what a database or a role cannot hold is refused before it is stored */
-	database_settings_check_utility(pstmt->utilityStmt);
-
+	*dboid = InvalidOid;
 	if (portal_sync_shared != NULL)
-		dboid = database_needing_exclusivity(pstmt->utilityStmt);
-	if (OidIsValid(dboid) && pg_database_ownercheck(dboid, GetUserId()))
-		pause_index = pause_worker_of_database(dboid);
-
-	if (pause_index < 0)
-	{
-		run_utility(pstmt, queryString, readOnlyTree, context, params,
-					queryEnv, dest, qc);
-		if (portal_sync_shared != NULL && IsA(pstmt->utilityStmt, CreatedbStmt))
-			note_database_created((CreatedbStmt *) pstmt->utilityStmt);
-		return;
-	}
-
-	PG_TRY();
-	{
-		run_utility(pstmt, queryString, readOnlyTree, context, params,
-					queryEnv, dest, qc);
-	}
-	PG_FINALLY();
-	{
-		end_pause(pause_index, dboid);
-	}
-	PG_END_TRY();
-	if (IsA(pstmt->utilityStmt, CreatedbStmt))
-		note_database_created((CreatedbStmt *) pstmt->utilityStmt);
+		*dboid = database_needing_exclusivity(statement);
+	if (OidIsValid(*dboid) && pg_database_ownercheck(*dboid, GetUserId()))
+		return pause_worker_of_database(*dboid);
+	return -1;
 }
 
 /*
- * Install the hook; called from _PG_init.
+ * After a utility statement succeeded (utility_hook.c): a CREATE DATABASE
+ * is remembered for its commit.
  */
 void
-database_hook_install(void)
+database_after_utility(Node *statement)
 {
-	prev_process_utility = ProcessUtility_hook;
-	ProcessUtility_hook = portal_sync_process_utility;
+	if (portal_sync_shared != NULL && IsA(statement, CreatedbStmt))
+		note_database_created((CreatedbStmt *) statement);
 }

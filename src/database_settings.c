@@ -128,7 +128,7 @@ refuse_stored_token(const char *command)
 /*
  * Refuse, before it is stored, what a database or a role cannot hold; and
  * remember which database's settings the statement changes, for its
- * commit.  Called by the ProcessUtility hook (database_hook.c) before the
+ * commit.  Called by the ProcessUtility hook (utility_hook.c) before the
  * statement runs.
  */
 void

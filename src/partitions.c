@@ -6,8 +6,9 @@
  * A statement-level trigger fires only on the table a statement names,
  * so attach() puts the capture triggers on a partitioned table and on
  * every one of its partitions, at every level.  This file keeps it so
- * while the partition tree changes, in the same transaction, from a
- * ProcessUtility hook:
+ * while the partition tree changes, in the same transaction, before and
+ * after the statement (steps run by the ProcessUtility hook,
+ * utility_hook.c):
  *
  *	- CREATE TABLE ... PARTITION OF and ALTER TABLE ... ATTACH PARTITION
  *	  give the new partition (and its own partitions) the triggers; the
@@ -44,7 +45,6 @@
 #include "nodes/makefuncs.h"
 #include "nodes/parsenodes.h"
 #include "storage/lmgr.h"
-#include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -52,8 +52,7 @@
 #include "utils/syscache.h"
 
 #include "portal_sync.h"
-
-static ProcessUtility_hook_type prev_process_utility = NULL;
+#include "utility_hook.h"
 
 /*
  * The settings a table's writes are captured with, if it is an attached
@@ -202,23 +201,6 @@ check_attachable_partition(Oid parent, Oid partition)
 }
 
 /*
- * Run a utility statement the next hook's or the server's own way.
- */
-static void
-run_utility(PlannedStmt *pstmt, const char *queryString,
-			bool readOnlyTree, ProcessUtilityContext context,
-			ParamListInfo params, QueryEnvironment *queryEnv,
-			DestReceiver *dest, QueryCompletion *qc)
-{
-	if (prev_process_utility)
-		prev_process_utility(pstmt, queryString, readOnlyTree, context,
-							 params, queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
-}
-
-/*
  * Is this a statement that changes a partition tree, or drops tables?
  */
 static bool
@@ -234,28 +216,23 @@ changes_partitions(Node *parsetree)
 }
 
 /*
- * ProcessUtility hook: keep the capture triggers on every partition of an
- * attached table, and tell the portal of rows that come or go with a
- * partition (see the top of this file).
+ * Before a utility statement (utility_hook.c): refuse a partition that
+ * cannot join an attached tree, report the rows of a dropped partition
+ * gone while they can still be read, and note in *change what the after
+ * step must look at (see the top of this file).
  */
-static void
-partition_process_utility(PlannedStmt *pstmt, const char *queryString,
-						  bool readOnlyTree, ProcessUtilityContext context,
-						  ParamListInfo params, QueryEnvironment *queryEnv,
-						  DestReceiver *dest, QueryCompletion *qc)
+void
+partitions_before_utility(Node *parsetree, PartitionChange *change)
 {
-	Node	   *parsetree = pstmt->utilityStmt;
-	List	   *detached = NIL;
-	List	   *attached = NIL;
 	ListCell   *lc;
 
+	change->concerned = false;
+	change->attached = NIL;
+	change->detached = NIL;
 	if (!changes_partitions(parsetree) || !IsTransactionState() ||
 		!OidIsValid(portal_sync_relid_if_exists("source")))
-	{
-		run_utility(pstmt, queryString, readOnlyTree, context, params,
-					queryEnv, dest, qc);
 		return;
-	}
+	change->concerned = true;
 
 	if (IsA(parsetree, DropStmt))
 		before_drop((DropStmt *) parsetree);
@@ -282,19 +259,30 @@ partition_process_utility(PlannedStmt *pstmt, const char *queryString,
 				if (!OidIsValid(parent))
 					continue;
 				check_attachable_partition(parent, partition);
-				attached = lappend_oid(attached, partition);
+				change->attached = lappend_oid(change->attached, partition);
 			}
 			else
 			{
 				config = captured_as(partition);
 				if (config != NULL && config->attached_relid != partition)
-					detached = lappend_oid(detached, partition);
+					change->detached = lappend_oid(change->detached, partition);
 			}
 		}
 	}
+}
 
-	run_utility(pstmt, queryString, readOnlyTree, context, params,
-				queryEnv, dest, qc);
+/*
+ * After a utility statement succeeded (utility_hook.c): the capture
+ * triggers on every partition of an attached tree, none on a partition
+ * that left one, and the rows a partition brings with it captured.
+ */
+void
+partitions_after_utility(Node *parsetree, PartitionChange *change)
+{
+	ListCell   *lc;
+
+	if (!change->concerned)
+		return;
 
 	/* DETACH ... CONCURRENTLY ends in a transaction of its own: still one */
 	if (!IsTransactionState())
@@ -311,10 +299,10 @@ partition_process_utility(PlannedStmt *pstmt, const char *queryString,
 			add_triggers_to_tree(parent);
 	}
 
-	foreach(lc, detached)
+	foreach(lc, change->detached)
 		drop_triggers_from_tree(lfirst_oid(lc));
 
-	foreach(lc, attached)
+	foreach(lc, change->attached)
 	{
 		Oid			partition = lfirst_oid(lc);
 		SourceConfig *config = captured_as(partition);
@@ -328,14 +316,4 @@ partition_process_utility(PlannedStmt *pstmt, const char *queryString,
 		capture_table_rows(rel, false);
 		table_close(rel, NoLock);
 	}
-}
-
-/*
- * Install the hook; called from _PG_init.
- */
-void
-partition_hook_install(void)
-{
-	prev_process_utility = ProcessUtility_hook;
-	ProcessUtility_hook = partition_process_utility;
 }

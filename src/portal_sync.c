@@ -20,6 +20,7 @@
 
 #include "portal_sync.h"
 #include "shared_state.h"
+#include "utility_hook.h"
 
 PG_MODULE_MAGIC;
 
@@ -206,9 +207,7 @@ _PG_init(void)
 
 	define_settings();
 	shared_state_install_hooks();
-	database_hook_install();
-	partition_hook_install();
-	attachment_ddl_install();
+	utility_hook_install();
 	register_launcher();
 
 	/* a misspelt portal_sync.* setting is reported instead of ignored */

@@ -115,7 +115,6 @@ extern SourceConfig *source_config_lookup(Oid relid);
 extern void record_capture_dependencies(Oid relid);
 extern void repair_capture_dependencies(void);
 extern bool attach_is_creating_triggers(void);
-extern void attachment_ddl_install(void);
 extern Oid	portal_sync_relid(const char *relname);
 extern Oid	portal_sync_relid_if_exists(const char *relname);
 
@@ -123,9 +122,6 @@ extern Oid	portal_sync_relid_if_exists(const char *relname);
 extern void add_capture_triggers(Oid relid);
 extern void drop_capture_triggers(Oid relid);
 extern List *partitions_of(Oid relid, LOCKMODE lockmode);
-
-/* Partitioned tables (partitions.c) */
-extern void partition_hook_install(void);
 
 /* Rows that come or go with a whole table (capture.c) */
 extern void capture_table_rows(Relation rel, bool removed);

@@ -158,7 +158,6 @@ extern void registry_scan_done(TimestampTz scanned_at, const Oid *existing, int 
 extern void registry_save_if_dirty(void);
 
 /* database_hook.c */
-extern void database_hook_install(void);
 extern bool database_is_paused(Oid dboid);
 
 /* launcher.c */
