@@ -20,8 +20,9 @@
  *	  parameter, a column of another level or relation, a user-defined or
  *	  volatile function (checked with PostgreSQL's own node walkers, not
  *	  with rule_expr.c's), or that is not boolean;
- *	- an accepted rule whose stored form (nodeToString) does not read back
- *	  equal, or that rule_expr_load() cannot prepare for execution.
+ *	- an accepted rule whose stored form (its deparsed text) is refused
+ *	  when analyzed again, means another rule, or changes each time it
+ *	  is written.
  *
  * Copyright (c) 2026, portal_sync developers
  *
@@ -121,12 +122,43 @@ reaches_outside_row(Node *node, void *context)
 }
 
 /*
- * The oracles for a rule that rule_expr_compile() accepted.
+ * A stored rule text analyzed again; any error is a finding: attach()
+ * accepted the rule, so its stored form must load.
+ */
+static Node *
+read_back_stored(const char *stored, const char *text)
+{
+	Node	   *read_back = NULL;
+
+	PG_TRY();
+	{
+		read_back = rule_expr_analyze_stored(fuzz_relation, stored, "share_when");
+	}
+	PG_CATCH();
+	{
+		ErrorData  *error = CopyErrorData();
+
+		finding(psprintf("stored rule text is refused when read back (%s): %s",
+						 error->message, stored), text);
+	}
+	PG_END_TRY();
+	return read_back;
+}
+
+/*
+ * The oracles for a rule that rule_expr_compile() accepted.  A rule is
+ * stored as its deparsed text (rule_expr_deparse) and analyzed again from
+ * it whenever it is loaded, and deparsed again when DDL rewrites it.  That
+ * text must load, mean the same rule (the trees equal once the planner's
+ * own simplification has flattened nested ANDs and ORs, which deparsing
+ * writes as parentheses and parsing flattens), and be stable from its
+ * second writing on.
  */
 static void
 check_accepted_rule(Node *expr, const char *text)
 {
 	char	   *stored;
+	char	   *rewritten;
 	Node	   *read_back;
 
 	if (exprType(expr) != BOOLOID)
@@ -136,11 +168,15 @@ check_accepted_rule(Node *expr, const char *text)
 	if (contain_volatile_functions(expr))
 		finding("accepted rule is volatile", text);
 
-	stored = nodeToString(expr);
-	read_back = stringToNode(stored);
-	if (!equal(expr, read_back))
-		finding("stored rule does not read back equal", text);
-	(void) rule_expr_load(stored);
+	stored = rule_expr_deparse(fuzz_relation, expr);
+	read_back = read_back_stored(stored, text);
+	if (!equal(eval_const_expressions(NULL, copyObject(expr)),
+			   eval_const_expressions(NULL, copyObject(read_back))))
+		finding(psprintf("stored rule text reads back as another rule: %s", stored), text);
+	rewritten = rule_expr_deparse(fuzz_relation, read_back);
+	if (strcmp(rule_expr_deparse(fuzz_relation, read_back_stored(rewritten, text)),
+			   rewritten) != 0)
+		finding(psprintf("stored rule text changes each time it is written: %s", rewritten), text);
 }
 
 /*
