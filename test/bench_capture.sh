@@ -35,6 +35,9 @@
 #   BENCH_PGBENCH_TIME     seconds per pgbench round (default 30)
 #   BENCH_PORT             port of the throwaway server (default 54329)
 #   BENCH_SHARED_BUFFERS   default 256MB
+#   BENCH_SYNCHRONOUS_COMMIT  synchronous_commit of the server (default on;
+#                          off: the OLTP ratio without the commit's WAL
+#                          flush, i.e. CPU-bound, where capture weighs most)
 #   BENCH_NO_FK=1          drop the foreign key of the benchmarked table to
 #                          ehr.patient (its per-row check doubles the bare
 #                          insert's cost, which flatters the ratios)
@@ -132,6 +135,7 @@ port = $PORT
 listen_addresses = ''
 unix_socket_directories = '$WORK'
 shared_buffers = $SHARED_BUFFERS
+synchronous_commit = ${BENCH_SYNCHRONOUS_COMMIT:-on}
 max_wal_size = 8GB
 checkpoint_timeout = 30min
 autovacuum = off
