@@ -97,7 +97,7 @@ spi_query(const char *sql, int nargs, Oid *types, Datum *values,
 
 /* Settings of the current unit's statements. */
 static Datum rule_values[2];
-static char rule_nulls[3] = "   ";
+static char rule_nulls[5] = "    ";
 
 /*
  * The boolean SQL expression saying whether row "t" of a source is
@@ -340,6 +340,14 @@ load_worker_sources(void)
 					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
 					 key_text, row_size, rel, key_col, key_type);
 		source->row_sizes.third_type = TEXTARRAYOID;
+		source->rows_with_sizes.sql =
+			psprintf("SELECT %s, %s, %s, %s,"
+					 " CASE WHEN (%s) AND (%s) <= $4 THEN %s END"
+					 " FROM %s t WHERE t.%s = ANY ($3::pg_catalog.text[]::%s[])",
+					 key_text, patient_text, shareable, row_size, shareable, row_size,
+					 row_json, rel, key_col, key_type);
+		source->rows_with_sizes.third_type = TEXTARRAYOID;
+		source->rows_with_sizes.fourth_type = INT8OID;
 		source->row_owner.sql =
 			psprintf("SELECT %s FROM %s t"
 					 " WHERE t.%s = $3::pg_catalog.text::%s",
@@ -414,23 +422,25 @@ text_array(char **strings, int count)
 }
 
 /*
- * Run one of a source's statements with the rule parameters and $3.  It
- * is parsed and analyzed once, the first time, and kept: the worker runs
- * the same statements for every unit.  It is planned at each run (a custom
- * plan, for the parameters and the table's size now; see spi_query).
+ * Run one of a source's statements with the rule parameters, $3 and, if
+ * the statement has one, $4.  It is parsed and analyzed once, the first
+ * time, and kept: the worker runs the same statements for every unit.  It
+ * is planned at each run (a custom plan, for the parameters and the
+ * table's size now; see spi_query).
  */
 static void
-execute_source_statement(SourceStatement *statement, Datum third, bool read_only,
-						 int expected)
+execute_source_statement(SourceStatement *statement, Datum third, Datum fourth,
+						 bool read_only, int expected)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	Datum		values[3] = {rule_values[0], rule_values[1], third};
+	Datum		values[4] = {rule_values[0], rule_values[1], third, fourth};
 	int			ret;
 
 	if (statement->plan == NULL)
 	{
-		Oid			types[3] = {DATEOID, INT4OID, statement->third_type};
-		SPIPlanPtr	plan = SPI_prepare_cursor(statement->sql, 3, types, CURSOR_OPT_CUSTOM_PLAN);
+		Oid			types[4] = {DATEOID, INT4OID, statement->third_type, statement->fourth_type};
+		int			nargs = OidIsValid(statement->fourth_type) ? 4 : 3;
+		SPIPlanPtr	plan = SPI_prepare_cursor(statement->sql, nargs, types, CURSOR_OPT_CUSTOM_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "preparing a statement on an attached table failed: %s",
@@ -449,9 +459,9 @@ execute_source_statement(SourceStatement *statement, Datum third, bool read_only
  * Run one of a source's reading statements.
  */
 static void
-run_source_statement(SourceStatement *statement, Datum third)
+run_source_statement(SourceStatement *statement, Datum third, Datum fourth)
 {
-	execute_source_statement(statement, third, true, SPI_OK_SELECT);
+	execute_source_statement(statement, third, fourth, true, SPI_OK_SELECT);
 }
 
 /*
@@ -467,7 +477,8 @@ free_worker_source_plans(List *sources)
 		WorkerSource *source = lfirst(lc);
 		SourceStatement *statements[] = {&source->rows_by_key, &source->snapshot,
 			&source->snapshots, &source->all_keys,
-		&source->row_owner, &source->row_sizes, &source->chart, &source->requeue_documents};
+			&source->row_owner, &source->row_sizes, &source->rows_with_sizes, &source->chart,
+		&source->requeue_documents};
 
 		for (int i = 0; i < lengthof(statements); i++)
 		{
@@ -516,7 +527,7 @@ is_rule_error(int sqlerrcode)
  * back; any other error is raised on.
  */
 static int
-try_source_statement(SourceStatement *statement, Datum third)
+try_source_statement(SourceStatement *statement, Datum third, Datum fourth)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -526,7 +537,7 @@ try_source_statement(SourceStatement *statement, Datum third)
 	MemoryContextSwitchTo(caller);
 	PG_TRY();
 	{
-		run_source_statement(statement, third);
+		run_source_statement(statement, third, fourth);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(caller);
 		CurrentResourceOwner = owner;
@@ -630,6 +641,7 @@ collect_rows_by_key(HTAB *rows)
 		row->patient_id = SPI_getvalue(tuple, desc, 2);
 		row->shareable = shareable != NULL && shareable[0] == 't';
 		row->data_json = row->shareable ? SPI_getvalue(tuple, desc, 4) : NULL;
+		row->data_unread = false;
 		/* a row of megabytes is not kept twice until the last one is read */
 		heap_freetuple(tuple);
 		SPI_tuptable->vals[i] = NULL;
@@ -647,7 +659,8 @@ collect_rows_by_key(HTAB *rows)
 void
 read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 {
-	int			sqlerrcode = try_source_statement(&source->rows_by_key, text_array(keys, nkeys));
+	int			sqlerrcode = try_source_statement(&source->rows_by_key, text_array(keys, nkeys),
+												  (Datum) 0);
 
 	if (sqlerrcode == 0)
 	{
@@ -657,13 +670,13 @@ read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 
 	for (int k = 0; k < nkeys; k++)
 	{
-		sqlerrcode = try_source_statement(&source->rows_by_key, text_array(&keys[k], 1));
+		sqlerrcode = try_source_statement(&source->rows_by_key, text_array(&keys[k], 1), (Datum) 0);
 		if (sqlerrcode == 0)
 			collect_rows_by_key(rows);
 		else
 		{
 			/* the row as the rules cannot see it: its key and patient */
-			run_source_statement(&source->row_owner, CStringGetTextDatum(keys[k]));
+			run_source_statement(&source->row_owner, CStringGetTextDatum(keys[k]), (Datum) 0);
 			if (SPI_processed > 0)
 			{
 				bool		found;
@@ -672,6 +685,7 @@ read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 				row->patient_id = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 				row->shareable = false;
 				row->data_json = NULL;
+				row->data_unread = false;
 				count_rule_error(source, sqlerrcode);
 			}
 			SPI_freetuptable(SPI_tuptable);
@@ -687,7 +701,7 @@ read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows)
 void
 read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes)
 {
-	run_source_statement(&source->row_sizes, text_array(keys, nkeys));
+	run_source_statement(&source->row_sizes, text_array(keys, nkeys), (Datum) 0);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		bool		found;
@@ -703,13 +717,58 @@ read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes)
 }
 
 /*
+ * The rows with these keys of a source and the sizes of their data, in
+ * one statement: sizes into the map under "source_id|key" (as
+ * read_row_sizes), rows into the other map (as read_rows_by_key) with
+ * their data if it is at most max_row_bytes; a shareable row larger than
+ * that is entered with data_unread, to be read by key once the unit knows
+ * it keeps it.  The data read is so at most nkeys x max_row_bytes,
+ * whatever the rows' sizes, and the common unit of small rows reads each
+ * row once instead of twice.  Returns false, having read nothing, if the
+ * rules fail on some row: then the caller asks the sizes alone and reads
+ * the rows by key, one by one where they fail (read_rows_by_key).
+ */
+bool
+read_rows_with_sizes(WorkerSource *source, char **keys, int nkeys, size_t max_row_bytes,
+					 HTAB *rows, HTAB *sizes)
+{
+	if (try_source_statement(&source->rows_with_sizes, text_array(keys, nkeys),
+							 Int64GetDatum((int64) Min(max_row_bytes, (size_t) PG_INT64_MAX))) != 0)
+		return false;
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *key = SPI_getvalue(tuple, desc, 1);
+		char	   *shareable = SPI_getvalue(tuple, desc, 3);
+		bool		isnull;
+		Datum		bytes = SPI_getbinval(tuple, desc, 4, &isnull);
+		bool		found;
+		RowSize    *size = string_map_enter(sizes, psprintf("%d|%s", source->source_id, key),
+											&found);
+		SourceRow  *row = string_map_enter(rows, key, &found);
+
+		size->bytes = isnull ? 0 : (size_t) DatumGetInt64(bytes);
+		row->patient_id = SPI_getvalue(tuple, desc, 2);
+		row->shareable = shareable != NULL && shareable[0] == 't';
+		row->data_json = row->shareable ? SPI_getvalue(tuple, desc, 5) : NULL;
+		row->data_unread = row->shareable && row->data_json == NULL;
+		heap_freetuple(tuple);
+		SPI_tuptable->vals[i] = NULL;
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return true;
+}
+
+/*
  * Is each patient's chart shareable?  Fills the map (entries are
  * ChartState, keyed by patient id) for the patients that have a chart row.
  */
 void
 read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *charts)
 {
-	run_source_statement(&chart_source->chart, text_array(patient_ids, count));
+	run_source_statement(&chart_source->chart, text_array(patient_ids, count), (Datum) 0);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -735,7 +794,8 @@ List *
 read_snapshot_rows(WorkerSource *source, const char *patient_id)
 {
 	List	   *result = NIL;
-	int			sqlerrcode = try_source_statement(&source->snapshot, CStringGetTextDatum(patient_id));
+	int			sqlerrcode = try_source_statement(&source->snapshot, CStringGetTextDatum(patient_id),
+												  (Datum) 0);
 
 	if (sqlerrcode == 0)
 	{
@@ -788,7 +848,7 @@ read_snapshot_rows(WorkerSource *source, const char *patient_id)
 void
 read_all_keys(WorkerSource *source, const char *patient_id)
 {
-	run_source_statement(&source->all_keys, CStringGetTextDatum(patient_id));
+	run_source_statement(&source->all_keys, CStringGetTextDatum(patient_id), (Datum) 0);
 }
 
 /*
@@ -800,7 +860,7 @@ void
 requeue_documents(WorkerSource *source, char **patient_ids, int count)
 {
 	execute_source_statement(&source->requeue_documents, text_array(patient_ids, count),
-							 false, SPI_OK_INSERT);
+							 (Datum) 0, false, SPI_OK_INSERT);
 }
 
 /*
@@ -816,7 +876,7 @@ read_snapshots_rows(WorkerSource *source, char **patient_ids, int count, HTAB *r
 {
 	SnapshotRows *current = NULL;
 
-	if (try_source_statement(&source->snapshots, text_array(patient_ids, count)) != 0)
+	if (try_source_statement(&source->snapshots, text_array(patient_ids, count), (Datum) 0) != 0)
 		return false;
 
 	for (uint64 i = 0; i < SPI_processed; i++)

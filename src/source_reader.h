@@ -19,14 +19,15 @@
 /* An attached table as the worker reads it. */
 /*
  * One statement the worker runs on an attached table, again and again: its
- * SQL, the type of its third parameter, and its prepared statement once
- * parsed (kept, SPI_keepplan, until the source list is loaded again;
- * planned at each run).
+ * SQL, the types of its third and (if it has one) fourth parameters, and
+ * its prepared statement once parsed (kept, SPI_keepplan, until the source
+ * list is loaded again; planned at each run).
  */
 typedef struct SourceStatement
 {
 	char	   *sql;
 	Oid			third_type;
+	Oid			fourth_type;	/* InvalidOid: three parameters */
 	SPIPlanPtr	plan;
 } SourceStatement;
 
@@ -43,6 +44,8 @@ typedef struct WorkerSource
 	SourceStatement all_keys;
 	SourceStatement row_owner;	/* the patient of one row, without the rules */
 	SourceStatement row_sizes;	/* the size of rows' data, by key */
+	SourceStatement rows_with_sizes;	/* rows by key with their sizes, the
+										 * data of the small ones */
 	SourceStatement chart;		/* kind patient only */
 	SourceStatement requeue_documents;	/* kind ccda only: send them again */
 	bool		retracting;		/* detached with retract: deletes only, no
@@ -56,6 +59,7 @@ typedef struct SourceRow
 	char	   *patient_id;
 	bool		shareable;
 	char	   *data_json;		/* when shareable */
+	bool		data_unread;	/* shareable, data not read yet (large) */
 } SourceRow;
 
 /* The size of a row's data; entries of a string map keyed "source|key". */
@@ -86,6 +90,8 @@ extern void free_worker_source_plans(List *sources);
 extern void set_sharing_parameters(const char *date_cutoff, int32 max_privacy_level);
 extern void read_rows_by_key(WorkerSource *source, char **keys, int nkeys, HTAB *rows);
 extern void read_row_sizes(WorkerSource *source, char **keys, int nkeys, HTAB *sizes);
+extern bool read_rows_with_sizes(WorkerSource *source, char **keys, int nkeys,
+								 size_t max_row_bytes, HTAB *rows, HTAB *sizes);
 extern void read_charts(WorkerSource *chart_source, char **patient_ids, int count, HTAB *charts);
 extern List *read_snapshot_rows(WorkerSource *source, const char *patient_id);
 extern bool read_snapshots_rows(WorkerSource *source, char **patient_ids, int count,

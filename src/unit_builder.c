@@ -97,6 +97,7 @@ typedef struct SourceRows
 {
 	WorkerSource *source;
 	HTAB	   *rows;			/* of SourceRow */
+	bool		rows_read;		/* rows holds every row the entries name */
 	HTAB	   *snapshot_rows;	/* of SnapshotRows, by patient */
 } SourceRows;
 
@@ -418,11 +419,15 @@ load_sources(UnitBuilder *builder)
 
 /*
  * Keep the unit's change entries to about max_bytes of row data: the
- * sizes of the rows they name are asked first (the rows are detoasted one
- * at a time, nothing is kept), and the unit ends before the entry that
- * goes over (a first entry larger than that stays, alone).  So the rows
- * the unit then reads, and the events it holds, are bounded by bytes
- * whatever their sizes; the rest is read by the next unit.
+ * sizes of the rows they name are asked first, and the unit ends before
+ * the entry that goes over (a first entry larger than that stays, alone).
+ * The same statement reads the rows whose data is at most max_bytes
+ * divided by the keys named, so that what it reads is bounded by
+ * max_bytes too (a larger row is detoasted only to be measured, nothing
+ * is kept); the rest are read by key once the unit is cut
+ * (load_unit_context).  So the rows the unit reads, and the events it
+ * holds, are bounded by bytes whatever their sizes; the rest is read by
+ * the next unit.
  */
 static void
 limit_unit_to_bytes(UnitBuilder *builder, size_t max_bytes)
@@ -432,10 +437,17 @@ limit_unit_to_bytes(UnitBuilder *builder, size_t max_bytes)
 										  CurrentMemoryContext);
 	ListCell   *lc;
 	size_t		bytes = 0;
+	int			keys_named = 0;
+	size_t		max_row_bytes;
+
+	for (int i = 0; i < unit->nentries; i++)
+		keys_named += Max(unit->entries[i].nkeys, 0);
+	max_row_bytes = max_bytes / Max(keys_named, 1);
 
 	foreach(lc, builder->sources)
 	{
-		WorkerSource *source = ((SourceRows *) lfirst(lc))->source;
+		SourceRows *source_rows = lfirst(lc);
+		WorkerSource *source = source_rows->source;
 		int			nkeys = 0;
 		char	  **keys;
 
@@ -456,7 +468,10 @@ limit_unit_to_bytes(UnitBuilder *builder, size_t max_bytes)
 				nkeys += entry->nkeys;
 			}
 		}
-		read_row_sizes(source, keys, nkeys, sizes);
+		source_rows->rows_read = read_rows_with_sizes(source, keys, nkeys, max_row_bytes,
+													  source_rows->rows, sizes);
+		if (!source_rows->rows_read)
+			read_row_sizes(source, keys, nkeys, sizes);
 		pfree(keys);
 	}
 
@@ -636,7 +651,11 @@ load_unit_context(UnitBuilder *builder)
 		}
 	}
 
-	/* Rows named by change entries, one statement per source */
+	/*
+	 * Rows named by change entries, one statement per source: the rows
+	 * read with their sizes are in hand but for the large ones; all of
+	 * them where the rules failed on some row then.
+	 */
 	foreach(lc, builder->sources)
 	{
 		SourceRows *source_rows = lfirst(lc);
@@ -657,8 +676,14 @@ load_unit_context(UnitBuilder *builder)
 				keys = keys ? repalloc(keys, maxkeys * sizeof(char *))
 					: palloc(maxkeys * sizeof(char *));
 			}
-			memcpy(keys + nkeys, entry->keys, entry->nkeys * sizeof(char *));
-			nkeys += entry->nkeys;
+			for (int k = 0; k < entry->nkeys; k++)
+			{
+				SourceRow  *row = source_rows->rows_read ?
+					string_map_find(source_rows->rows, entry->keys[k]) : NULL;
+
+				if (!source_rows->rows_read || (row != NULL && row->data_unread))
+					keys[nkeys++] = entry->keys[k];
+			}
 		}
 		if (nkeys > 0)
 			read_rows_by_key(source_rows->source, keys, nkeys, source_rows->rows);
@@ -1093,6 +1118,8 @@ serve_change_entry(UnitBuilder *builder, int entry_index, PatientState *patient,
 		EmittedItem *emitted;
 		bool		found;
 
+		if (row != NULL && row->data_unread)
+			elog(ERROR, "a row of the unit was not read");
 		upsert = row != NULL && row->shareable && patient->chart_shareable &&
 			strcmp(row->patient_id, entry->patient_id) == 0;
 

@@ -12,6 +12,11 @@
 #    the entry is held, and must not keep every later unit on itself
 #    (another patient's change is delivered meanwhile; this looped on the
 #    first version of the byte bound).
+# 3. Small and large rows of one source in one entry: the data of the small
+#    ones is read with their sizes, the large ones' by key once the unit is
+#    cut; rows then change from small to large and back, in transactions
+#    committed while delivery runs.  The portal must hold every row as it
+#    is now.
 
 use strict;
 use warnings;
@@ -62,6 +67,28 @@ $open->quit;
 ok(ps_wait_drained($node, $db, 120), 'the transaction ended: drained');
 $docs = ps_portal_items($portal, 'postgres')->{5}{ccda} || {};
 is(scalar keys %$docs, 12, 'all 12 documents of patient 5 are on the portal');
+
+# ---------------------------------------------------------------- 3
+one(q{INSERT INTO ehr.problem (patient_id, description)
+	  SELECT 3, CASE WHEN g % 25 = 0 THEN repeat(md5(g::text), 1600) ELSE 'small ' || g END
+	  FROM generate_series(1, 300) g});
+for my $round (1 .. 6)
+{
+	one(qq{UPDATE ehr.problem
+		  SET description = CASE WHEN description LIKE 'small%'
+								 THEN repeat(md5(problem_id::text || '$round'), 1600)
+								 ELSE 'small again $round' END
+		  WHERE patient_id = 3 AND problem_id % 7 = $round});
+}
+ok(ps_wait_drained($node, $db, 120), 'small and large rows changing size: drained');
+my %portal_problems = map { $_->{problem_id} => $_->{description} }
+  values %{ ps_portal_items($portal, 'postgres')->{3}{problem} || {} };
+my %table_problems = map { split /\|/, $_, 2 }
+  split /\n/, one(q{SELECT problem_id || '|' || description FROM ehr.problem WHERE patient_id = 3});
+is(scalar keys %portal_problems, scalar keys %table_problems,
+	'every problem of patient 3 is on the portal (' . scalar(keys %table_problems) . ')');
+is(scalar(grep { ($portal_problems{$_} // '') ne $table_problems{$_} } keys %table_problems), 0,
+	'each as it is now, small or large');
 
 ps_check_settled($node, $db, $portal, 'at the end');
 
