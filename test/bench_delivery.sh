@@ -27,6 +27,21 @@
 #   resume delay    (no bar) one event queued while settings.enabled is
 #                   false: seconds from UPDATE ... SET enabled = true until
 #                   it is accepted.
+#   mixed backlog   20,000 patients never enrolled before (created for this
+#                   phase, after those of the snapshot rounds, each with its
+#                   chart row and 10 shareable items, 2 in each of the 5
+#                   clinical sources of the snapshot rounds), enrolled in one
+#                   statement while the endpoint is empty, then 500,000
+#                   incremental events for them queued as for the drain
+#                   (rotating over 6 clinical tables); seconds from setting
+#                   the endpoint until pending_events is 0, after which every
+#                   one of the 20,000 is checked (printed, not failed) to be
+#                   ready.  The figure is 500,000 / those seconds (bar >=
+#                   50,000/s; zero failed requests); also printed: the events
+#                   accepted by the sink (snapshot begin/end markers,
+#                   snapshot items, incremental) and all of them / seconds,
+#                   requests, and the worker's peak RssAnon in the phase.
+#                   One round, into nginx.
 #   WAN drain rate  the drain rate (outbox already full of incremental events
 #                   of the patients of snapshot round 1, filled as above with
 #                   the endpoint empty; events accepted per second from
@@ -78,10 +93,12 @@
 # Environment:
 #   BENCH_QUICK=1          same as --quick: 200 patients per snapshot round,
 #                          100,000 drain events, latency rounds of 10 s,
-#                          50,000 events per WAN round
+#                          2,000 patients and 50,000 events in the mixed
+#                          backlog, 50,000 events per WAN round
 #   BENCH_PHASES           phases to run, of: snapshot drain latency ccda
-#                          resume wan (default all; without snapshot, the
-#                          patients of round 1 are enrolled untimed)
+#                          resume mixed wan (default all; without snapshot,
+#                          the patients of round 1 are enrolled untimed for
+#                          drain, latency and wan)
 #   BENCH_WAN=0            skip the WAN phase
 #   BENCH_WAN_EVENTS       events per WAN round (default 200000)
 #   BENCH_WAN_BATCHES      batch sizes of the WAN gzip rounds (default
@@ -98,12 +115,16 @@
 #   BENCH_SNAP_ROUNDS      snapshot rounds (default 3)
 #   BENCH_DRAIN_EVENTS     events in the outbox for the drain (default 1000000)
 #   BENCH_FILL_ROWS        rows per INSERT ... SELECT filling it (default 10000)
+#   BENCH_MIXED_PATIENTS   patients enrolled in the mixed backlog (default 20000)
+#   BENCH_MIXED_EVENTS     incremental events of the mixed backlog (default
+#                          500000)
 #   BENCH_LAT_RATE         commits per second in the latency phase (default 200)
 #   BENCH_LAT_TIME         seconds per latency round (default 60)
 #   BENCH_LAT_ROUNDS       latency rounds (default 3)
 #   BENCH_CCDA_MB          size of each C-CDA document (default 10)
 #   BENCH_CCDA_DOCS        C-CDA documents sent one after the other (default 3)
-#   BENCH_DRAIN_TIMEOUT    give up the drain after this many seconds (default 1200)
+#   BENCH_DRAIN_TIMEOUT    give up the drain (and the mixed backlog's) after
+#                          this many seconds (default 1200)
 #   BENCH_PORT             port of the throwaway server (default 54339; unix
 #                          socket only)
 #   BENCH_SHARED_BUFFERS   default 256MB
@@ -131,13 +152,17 @@ if [ "$QUICK" = 1 ]; then
 	DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-100000}
 	LAT_TIME=${BENCH_LAT_TIME:-10}
 	WAN_EVENTS=${BENCH_WAN_EVENTS:-50000}
+	MIXED_PATIENTS=${BENCH_MIXED_PATIENTS:-2000}
+	MIXED_EVENTS=${BENCH_MIXED_EVENTS:-50000}
 else
 	SNAP_PATIENTS=${BENCH_SNAP_PATIENTS:-1000}
 	DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-1000000}
 	LAT_TIME=${BENCH_LAT_TIME:-60}
 	WAN_EVENTS=${BENCH_WAN_EVENTS:-200000}
+	MIXED_PATIENTS=${BENCH_MIXED_PATIENTS:-20000}
+	MIXED_EVENTS=${BENCH_MIXED_EVENTS:-500000}
 fi
-PHASES=" $(echo "${BENCH_PHASES:-snapshot drain latency ccda resume wan}" | tr ',' ' ') "
+PHASES=" $(echo "${BENCH_PHASES:-snapshot drain latency ccda resume mixed wan}" | tr ',' ' ') "
 [ "${BENCH_WAN:-1}" = 0 ] && PHASES=${PHASES/ wan / }
 phase_on() { [[ "$PHASES" == *" $1 "* ]]; }
 WAN_BATCHES=${BENCH_WAN_BATCHES:-500 1000 2000}
@@ -160,6 +185,13 @@ SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-256MB}
 PER_SOURCE=$((SNAP_ITEMS / 5))
 TOTAL_PATIENTS=$((SNAP_PATIENTS * SNAP_ROUNDS))
 DP=$SNAP_PATIENTS		# drain and latency patients: those of snapshot round 1
+MIXED_PER_SOURCE=2		# shareable items of a mixed-backlog patient in each of 5 sources
+MIXED_ITEMS=$((MIXED_PER_SOURCE * 5))
+MIXED_BAR=50000
+MIXED_LO=$((TOTAL_PATIENTS + 1))	# mixed-backlog patients: after the snapshot rounds'
+MIXED_HI=$((TOTAL_PATIENTS + MIXED_PATIENTS))
+MIXED_N=0			# of them created (only if the phase runs)
+phase_on mixed && MIXED_N=$MIXED_PATIENTS
 
 die() { echo "bench_delivery: $*" >&2; exit 1; }
 
@@ -175,6 +207,7 @@ PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
 [ -x "$NGINX" ] || die "$NGINX not found (apt-get install nginx-light)"
 [ -n "$PYTHON" ] || die "python3 not found"
 [ $((SNAP_ITEMS % 5)) -eq 0 ] && [ "$SNAP_ITEMS" -gt 0 ] || die "BENCH_SNAP_ITEMS must be a positive multiple of 5"
+[ "$MIXED_PATIENTS" -gt 0 ] && [ "$MIXED_EVENTS" -gt 0 ] || die "BENCH_MIXED_PATIENTS and BENCH_MIXED_EVENTS must be positive"
 
 # The server, its clients and nginx run as postgres (initdb refuses root).
 if [ "$(id -u)" -eq 0 ]; then
@@ -306,9 +339,41 @@ as_pg "$BINDIR/createdb" -h "$WORK" -p "$PORT" bench
 PMPID=$(head -n1 "$DATA/postmaster.pid")
 
 # ---------------------------------------------------------------- schema
-echo "== reference schema; $TOTAL_PATIENTS patients with $SNAP_ITEMS shareable items each ($PER_SOURCE in each of 5 clinical sources)"
+echo "== reference schema; $TOTAL_PATIENTS patients with $SNAP_ITEMS shareable items each ($PER_SOURCE in each of 5 clinical sources)$(
+	[ "$MIXED_N" -gt 0 ] && echo "; for the mixed backlog $MIXED_N more ($MIXED_LO..$MIXED_HI) with $MIXED_ITEMS each ($MIXED_PER_SOURCE per source)")"
 psql_bench -f "$WORK/reference_schema.sql" >/dev/null
-NITEMS=$((TOTAL_PATIENTS * PER_SOURCE))
+# Shareable items of patients lo .. lo + np - 1, per_source in each of 5
+# clinical sources (patient lo + (g - 1) % np for item g of a source).
+items_sql() { # lo np per_source
+	local p="$1 + (g - 1) % $2" n=$(($2 * $3))
+	cat <<EOF
+INSERT INTO ehr.medication (patient_id, drug_name, rxnorm, dose, route, frequency,
+                            start_date, status, prescriber, privacy_level)
+SELECT $p, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text,
+       '250 mg/5 mL', 'oral', 'BID x 10 days', date '2015-01-01' + g % 3000,
+       'active', 'Dr. Provider ' || (g % 12), 0
+FROM generate_series(1, $n) g;
+INSERT INTO ehr.allergy (patient_id, allergen, reaction, severity, onset_date, status, recorded_at)
+SELECT $p, 'allergen ' || (g % 53), 'hives',
+       (ARRAY['mild','moderate','severe'])[1 + g % 3], date '2012-01-01' + g % 3000,
+       'active', date '2015-01-01' + g % 3000
+FROM generate_series(1, $n) g;
+INSERT INTO ehr.problem (patient_id, description, icd10, onset_date, status, noted_on)
+SELECT $p, 'problem ' || (g % 211), 'J0' || (g % 10),
+       date '2012-01-01' + g % 3000, 'active', date '2015-01-01' + g % 3000
+FROM generate_series(1, $n) g;
+INSERT INTO ehr.immunization (patient_id, vaccine, cvx, dose_number, administered_on,
+                              lot_number, site, administered_by)
+SELECT $p, 'DTaP', (20 + g % 30)::text, 1 + g % 5,
+       date '2015-01-01' + g % 3000, 'LOT' || (g % 1000), 'left thigh', 'RN ' || (g % 7)
+FROM generate_series(1, $n) g;
+INSERT INTO ehr.lab_result (patient_id, order_number, test_name, loinc, value, units,
+                            reference_range, abnormal_flag, status, result_date)
+SELECT $p, 'ORD' || g, 'Hemoglobin', '718-7', (10 + g % 50 / 10.0)::text,
+       'g/dL', '11.5-15.5', 'N', 'final', date '2015-01-01' + g % 3000
+FROM generate_series(1, $n) g;
+EOF
+}
 psql_bench <<EOF >/dev/null || server_failed "setup"
 SET client_min_messages = warning;
 INSERT INTO ehr.patient (patient_id, mrn, first_name, last_name, dob, sex, guardian_name,
@@ -316,37 +381,14 @@ INSERT INTO ehr.patient (patient_id, mrn, first_name, last_name, dob, sex, guard
 SELECT g, 'MRN' || lpad(g::text, 8, '0'), 'First' || g, 'Last' || g,
        date '2010-01-01' + g % 5000, (ARRAY['F','M'])[1 + g % 2], 'Guardian ' || g,
        '555-01' || lpad((g % 100)::text, 2, '0'), 'Dr. Provider ' || (g % 12)
-FROM generate_series(1, $TOTAL_PATIENTS) g;
+FROM generate_series(1, $((TOTAL_PATIENTS + MIXED_N))) g;
 
 CREATE EXTENSION portal_sync;
 \i $WORK/attach_reference.sql
 
 -- Shareable items, inserted before anyone is enrolled (so nothing queued).
-INSERT INTO ehr.medication (patient_id, drug_name, rxnorm, dose, route, frequency,
-                            start_date, status, prescriber, privacy_level)
-SELECT 1 + (g - 1) % $TOTAL_PATIENTS, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text,
-       '250 mg/5 mL', 'oral', 'BID x 10 days', date '2015-01-01' + g % 3000,
-       'active', 'Dr. Provider ' || (g % 12), 0
-FROM generate_series(1, $NITEMS) g;
-INSERT INTO ehr.allergy (patient_id, allergen, reaction, severity, onset_date, status, recorded_at)
-SELECT 1 + (g - 1) % $TOTAL_PATIENTS, 'allergen ' || (g % 53), 'hives',
-       (ARRAY['mild','moderate','severe'])[1 + g % 3], date '2012-01-01' + g % 3000,
-       'active', date '2015-01-01' + g % 3000
-FROM generate_series(1, $NITEMS) g;
-INSERT INTO ehr.problem (patient_id, description, icd10, onset_date, status, noted_on)
-SELECT 1 + (g - 1) % $TOTAL_PATIENTS, 'problem ' || (g % 211), 'J0' || (g % 10),
-       date '2012-01-01' + g % 3000, 'active', date '2015-01-01' + g % 3000
-FROM generate_series(1, $NITEMS) g;
-INSERT INTO ehr.immunization (patient_id, vaccine, cvx, dose_number, administered_on,
-                              lot_number, site, administered_by)
-SELECT 1 + (g - 1) % $TOTAL_PATIENTS, 'DTaP', (20 + g % 30)::text, 1 + g % 5,
-       date '2015-01-01' + g % 3000, 'LOT' || (g % 1000), 'left thigh', 'RN ' || (g % 7)
-FROM generate_series(1, $NITEMS) g;
-INSERT INTO ehr.lab_result (patient_id, order_number, test_name, loinc, value, units,
-                            reference_range, abnormal_flag, status, result_date)
-SELECT 1 + (g - 1) % $TOTAL_PATIENTS, 'ORD' || g, 'Hemoglobin', '718-7', (10 + g % 50 / 10.0)::text,
-       'g/dL', '11.5-15.5', 'N', 'final', date '2015-01-01' + g % 3000
-FROM generate_series(1, $NITEMS) g;
+$(items_sql 1 "$TOTAL_PATIENTS" "$PER_SOURCE")
+$( [ "$MIXED_N" -gt 0 ] && items_sql "$MIXED_LO" "$MIXED_N" "$MIXED_PER_SOURCE")
 
 CREATE SCHEMA bench;
 
@@ -490,42 +532,44 @@ empty_endpoint() {
 	done
 	[ "$state" = unconfigured ] || echo "   (worker state is '$state', not 'unconfigured', after emptying the endpoint)"
 }
-fill_sql() { # table-index rows
-	local n=$2
+fill_sql() { # table-index rows [first-patient patients]: rows of patients first .. first + patients - 1
+	local n=$2 p="${3:-1} + g % ${4:-$DP}"
 	case $(($1 % 6)) in
 	0) echo "INSERT INTO ehr.medication (patient_id, drug_name, rxnorm, dose, route, frequency, start_date, status, prescriber)
-SELECT 1 + g % $DP, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text, '250 mg/5 mL', 'oral', 'BID x 10 days',
+SELECT $p, 'amoxicillin ' || (g % 97), (308182 + g % 50)::text, '250 mg/5 mL', 'oral', 'BID x 10 days',
        date '2020-01-01' + g % 2000, 'active', 'Dr. Provider ' || (g % 12) FROM generate_series(1, $n) g;" ;;
 	1) echo "INSERT INTO ehr.allergy (patient_id, allergen, reaction, severity, onset_date, status, recorded_at)
-SELECT 1 + g % $DP, 'allergen ' || (g % 53), 'hives', (ARRAY['mild','moderate','severe'])[1 + g % 3],
+SELECT $p, 'allergen ' || (g % 53), 'hives', (ARRAY['mild','moderate','severe'])[1 + g % 3],
        date '2012-01-01' + g % 3000, 'active', date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
 	2) echo "INSERT INTO ehr.problem (patient_id, description, icd10, onset_date, status, noted_on)
-SELECT 1 + g % $DP, 'problem ' || (g % 211), 'J0' || (g % 10), date '2012-01-01' + g % 3000, 'active',
+SELECT $p, 'problem ' || (g % 211), 'J0' || (g % 10), date '2012-01-01' + g % 3000, 'active',
        date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
 	3) echo "INSERT INTO ehr.immunization (patient_id, vaccine, cvx, dose_number, administered_on, lot_number, site, administered_by)
-SELECT 1 + g % $DP, 'DTaP', (20 + g % 30)::text, 1 + g % 5, date '2020-01-01' + g % 2000, 'LOT' || (g % 1000),
+SELECT $p, 'DTaP', (20 + g % 30)::text, 1 + g % 5, date '2020-01-01' + g % 2000, 'LOT' || (g % 1000),
        'left thigh', 'RN ' || (g % 7) FROM generate_series(1, $n) g;" ;;
 	4) echo "INSERT INTO ehr.lab_result (patient_id, order_number, test_name, loinc, value, units, reference_range, abnormal_flag, status, result_date)
-SELECT 1 + g % $DP, 'ORD' || g, 'Hemoglobin', '718-7', (10 + g % 50 / 10.0)::text, 'g/dL', '11.5-15.5', 'N', 'final',
+SELECT $p, 'ORD' || g, 'Hemoglobin', '718-7', (10 + g % 50 / 10.0)::text, 'g/dL', '11.5-15.5', 'N', 'final',
        date '2020-01-01' + g % 2000 FROM generate_series(1, $n) g;" ;;
 	5) echo "INSERT INTO ehr.vital_sign (patient_id, measured_at, height_cm, weight_kg, head_circ_cm, bmi, height_pct, weight_pct,
                             temp_c, pulse, resp_rate, bp_systolic, bp_diastolic)
-SELECT 1 + g % $DP, timestamp '2020-01-01 08:00' + g * interval '1 minute', 80 + g % 90, 10 + g % 60, 45 + g % 10 / 10.0,
+SELECT $p, timestamp '2020-01-01 08:00' + g * interval '1 minute', 80 + g % 90, 10 + g % 60, 45 + g % 10 / 10.0,
        15 + g % 10, g % 100, g % 100, 36.5 + g % 10 / 10.0, 70 + g % 60, 15 + g % 20, 90 + g % 40, 50 + g % 30
 FROM generate_series(1, $n) g;" ;;
 	esac
 }
 # Queue N incremental events (the endpoint being empty) in INSERT ... SELECT
 # statements of FILL_ROWS rows rotating over 6 clinical tables, then VACUUM
-# ANALYZE and CHECKPOINT; prints one line.  phase: the sampler's tag.
-fill_outbox() { # events phase
-	local events=$1 left=$1 i=0 n t_fill pending outbox_rows state
+# ANALYZE and CHECKPOINT; prints one line.  phase: the sampler's tag; the
+# events are of patients 1..DP, or of patients first .. first + patients - 1.
+fill_outbox() { # events phase [first-patient patients]
+	local events=$1 left=$1 i=0 n t_fill pending outbox_rows state before
 	set_phase "$2"
+	before=$(q "SELECT pending_events FROM portal_sync.status")	# 0 unless snapshots are queued
 	{
 		echo "\\set QUIET on"
 		while [ "$left" -gt 0 ]; do
 			n=$((left < FILL_ROWS ? left : FILL_ROWS))
-			fill_sql "$i" "$n"
+			fill_sql "$i" "$n" "${3:-1}" "${4:-$DP}"
 			left=$((left - n))
 			i=$((i + 1))
 		done
@@ -538,7 +582,7 @@ fill_outbox() { # events phase
 	read -r pending outbox_rows state <<<"$(psql_bench -At -F' ' -c \
 		"SELECT pending_events, (SELECT count(*) FROM portal_sync.outbox), state FROM portal_sync.status")"
 	echo "   filled in ${t_fill} s ($(( (events + FILL_ROWS - 1) / FILL_ROWS )) statements, then VACUUM ANALYZE, CHECKPOINT): pending_events = $pending in $outbox_rows outbox rows; worker state $state"
-	[ "$pending" -eq "$events" ] || echo "   NOTE: pending_events is $pending, not $events"
+	[ "$pending" -eq $((before + events)) ] || echo "   NOTE: pending_events is $pending, not $((before + events))"
 }
 # Set the endpoint to URL and wait until the outbox is empty; sets D_SECS
 # (-1: not drained after DRAIN_TIMEOUT s) and D_REQUESTS, D_EVENTS, D_FAILED
@@ -572,6 +616,8 @@ log_worker_lines() { # mark: the server log's portal_sync lines since then, coun
 		sed -E 's/^ *([0-9]+) /   server log: (x\1) /' || true
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.3f (1/%.1f)", a / b, b / a; else print "-" }'; }
+verdict() { awk -v v="$1" -v op="$2" -v bar="$3" 'BEGIN {
+	ok = (op == ">=") ? (v >= bar) : (v <= bar); print ok ? "met" : "MISSED" }'; }
 
 # ---------------------------------------------------------------- snapshot time
 # (each phase runs if phase_on says so; their bodies are not indented)
@@ -779,6 +825,80 @@ done
 RESUME_MED=$(printf '%.2f' "$(median "${RESUME_SECS[@]}")")
 fi # resume
 
+# ---------------------------------------------------------------- mixed backlog
+MIXED_RATE=- MIXED_ALL_RATE=- MIXED_SECS=-1 MIXED_FAILED=0
+if phase_on mixed; then
+echo
+echo "== mixed backlog: $MIXED_PATIENTS patients never enrolled ($MIXED_LO..$MIXED_HI, $MIXED_ITEMS shareable items each) enrolled in one statement with the endpoint empty, then $MIXED_EVENTS incremental events for them, then the endpoint set (sink: nginx); $(load)"
+empty_endpoint
+set_phase mixed_fill
+t_enroll=$(date +%s.%N)
+enrolled=$(q "SELECT count(*) FILTER (WHERE portal_sync.enroll(patient_id::text)) FROM ehr.patient
+              WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI") || server_failed "enrolling the mixed backlog's patients"
+t_enroll=$(awk -v a="$t_enroll" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+echo "   enrolled $enrolled patients in one statement (${t_enroll} s)"
+[ "$enrolled" -eq "$MIXED_PATIENTS" ] || echo "   NOTE: $enrolled newly enrolled, not $MIXED_PATIENTS"
+fill_outbox "$MIXED_EVENTS" mixed_fill "$MIXED_LO" "$MIXED_PATIENTS"
+# what the snapshots will read: the charts, the items and the rows the fill wrote
+read -r m_rows m_ready0 <<<"$(psql_bench -At -F' ' -c "SELECT
+	(SELECT count(*) FROM ehr.patient WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI)
+	+ (SELECT count(*) FROM ehr.medication WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI)
+	+ (SELECT count(*) FROM ehr.allergy WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI)
+	+ (SELECT count(*) FROM ehr.problem WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI)
+	+ (SELECT count(*) FROM ehr.immunization WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI)
+	+ (SELECT count(*) FROM ehr.lab_result WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI)
+	+ (SELECT count(*) FROM ehr.vital_sign WHERE patient_id BETWEEN $MIXED_LO AND $MIXED_HI),
+	(SELECT count(*) FILTER (WHERE ready) FROM portal_sync.patients WHERE patient_id::int BETWEEN $MIXED_LO AND $MIXED_HI)")"
+echo "   before the endpoint is set: $m_ready0 of them ready; their rows in the attached tables: $m_rows ($MIXED_PATIENTS charts + $((MIXED_PATIENTS * MIXED_ITEMS)) items + $MIXED_EVENTS written by the fill)"
+NGX_BEFORE=$(nginx_lines)
+mark=$(log_mark)
+run_drain "$NGINX_URL" mixed
+log_worker_lines "$mark"
+NGX_AFTER=$(nginx_lines)
+NGX_REQ=$((NGX_AFTER - NGX_BEFORE))
+NGX_NON200=$(tail -n "$NGX_REQ" "$NGX/access.log" | awk '$1 != 200' | wc -l)
+MIXED_SECS=$D_SECS
+m_markers=$((2 * MIXED_PATIENTS))
+if [ "$MIXED_SECS" = -1 ]; then
+	MIXED_RATE=0 MIXED_ALL_RATE=0
+	echo "   NOT drained after $DRAIN_TIMEOUT s: $D_PENDING events still pending"
+else
+	MIXED_RATE=$(awk -v e="$MIXED_EVENTS" -v s="$MIXED_SECS" 'BEGIN { printf "%.0f", e / s }')
+	MIXED_ALL_RATE=$(awk -v e="$D_EVENTS" -v s="$MIXED_SECS" 'BEGIN { printf "%.0f", e / s }')
+	printf '   drained in %.2f s: %s events accepted in %s requests (%.0f events/request); first request sent %.3f s after the endpoint was set\n' \
+		"$MIXED_SECS" "$D_EVENTS" "$D_REQUESTS" "$(awk -v e="$D_EVENTS" -v r="$D_REQUESTS" 'BEGIN { print r ? e / r : 0 }')" "$D_FIRST"
+	m_items=$((D_EVENTS - m_markers - MIXED_EVENTS))
+	echo "   accepted: $m_markers snapshot begin/end markers + $m_items snapshot items + $MIXED_EVENTS incremental (items: accepted - markers - incremental queued)$(
+		if [ "$m_items" -eq "$m_rows" ]; then
+			echo "; the items are all $m_rows rows of these patients when the endpoint was set, so the fill's rows went twice: in the snapshots and as incremental events"
+		else
+			echo "; their rows when the endpoint was set: $m_rows"
+		fi)"
+	echo "   incremental: $MIXED_EVENTS / $(printf '%.2f' "$MIXED_SECS") s = $MIXED_RATE events/s (bar >= $MIXED_BAR/s); all events: $D_EVENTS / $(printf '%.2f' "$MIXED_SECS") s = $MIXED_ALL_RATE events/s"
+fi
+echo "   failed requests: $D_FAILED in delivery_log (not accepted or http_status <> 200); nginx logged $NGX_REQ requests, $NGX_NON200 not 200"
+echo "   after: pending_events $D_PENDING, dead_letters $D_DEAD, worker state $D_STATE, consecutive_failures $D_CONSEC${D_LASTERR:+, last_error: $D_LASTERR}"
+m_ready=$(q "SELECT count(*) FILTER (WHERE ready) FROM portal_sync.patients WHERE patient_id::int BETWEEN $MIXED_LO AND $MIXED_HI")
+if [ "$m_ready" -eq "$MIXED_PATIENTS" ]; then
+	echo "   ready: all $MIXED_PATIENTS patients (portal_sync.patients) once pending_events was 0"
+else
+	echo "   NOTE: only $m_ready of $MIXED_PATIENTS patients ready once pending_events was 0"
+	secs=$(psql_bench -At -c "CALL bench.wait_ready($MIXED_LO, $MIXED_HI, clock_timestamp(), 60)") || server_failed "waiting for the mixed backlog's patients"
+	if [ "$secs" = -1 ]; then
+		echo "   NOTE: not all ready 60 s later: $(q "SELECT count(*) FILTER (WHERE ready) FROM portal_sync.patients WHERE patient_id::int BETWEEN $MIXED_LO AND $MIXED_HI") of $MIXED_PATIENTS"
+	else
+		printf '   all %s ready %.2f s later\n' "$MIXED_PATIENTS" "$secs"
+	fi
+fi
+echo "   worker peak RssAnon: $(mb "$(peak_kb mixed)") MiB in this phase ($(mb "$(peak_kb mixed_fill)") MiB while enrolling and filling)"
+MIXED_FAILED=$((D_FAILED + NGX_NON200 + D_DEAD))
+if [ "$MIXED_SECS" != -1 ] && [ "$MIXED_FAILED" -eq 0 ]; then
+	echo "   bar: $MIXED_RATE incremental events/s >= $MIXED_BAR/s: $(verdict "$MIXED_RATE" ">=" "$MIXED_BAR")"
+else
+	echo "   bar: >= $MIXED_BAR/s: MISSED ($([ "$MIXED_SECS" = -1 ] && echo "not drained" || echo "$MIXED_FAILED failed requests/dead letters"))"
+fi
+fi # mixed
+
 # ---------------------------------------------------------------- WAN drain rate
 # Settings "batch_size:compression": the gzip rounds, then compression off at
 # the first batch size.  Per setting, space-separated over the rounds: rates,
@@ -879,9 +999,9 @@ wait "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=
 echo
 echo "== worker memory (RssAnon, sampled every 100 ms; $(grep -c -v '^pid' "$WORK/rss.log") samples)"
-for ph in idle setup snapshot fill drain latency ccda wan_fill wan; do
+for ph in idle setup snapshot fill drain latency ccda mixed_fill mixed wan_fill wan; do
 	grep -q "^$ph " "$WORK/rss.log" &&
-		printf '   %-9s peak %7s MiB\n' "$ph" "$(mb "$(peak_kb "$ph")")"
+		printf '   %-10s peak %7s MiB\n' "$ph" "$(mb "$(peak_kb "$ph")")"
 done
 echo "   at the end (idle) $(mb "${END_RSS:-0}") MiB"
 PIDS=$(grep -c '^pid' "$WORK/rss.log" || true)
@@ -897,8 +1017,6 @@ NGX_ERR=$(grep -cE '\[(error|crit|alert|emerg)\]' "$NGX/error.log" 2>/dev/null |
 echo "nginx error log: ${NGX_ERR:-0} error lines$([ "${NGX_ERR:-0}" -gt 0 ] && echo ": $(grep -E '\[(error|crit|alert|emerg)\]' "$NGX/error.log" | head -n 3)")"
 
 # ---------------------------------------------------------------- figures
-verdict() { awk -v v="$1" -v op="$2" -v bar="$3" 'BEGIN {
-	ok = (op == ">=") ? (v >= bar) : (v <= bar); print ok ? "met" : "MISSED" }'; }
 echo
 echo "== figures; load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 F='%-17s %-22s %-15s %s\n'
@@ -941,9 +1059,12 @@ if phase_on snapshot || phase_on drain || phase_on ccda; then
 	printf "$F" "worker memory" "$(mb "$MEM_KB") MiB" "<= 64 MiB" "$(verdict "$MEM_KB" "<=" 65536)"
 fi
 phase_on resume && printf "$F" "resume delay" "$RESUME_MED s" "(none)" "-"
+phase_on mixed && printf "$F" "mixed backlog" "$MIXED_RATE events/s" ">= $MIXED_BAR/s" \
+	"$( [ "$MIXED_SECS" != -1 ] && [ "$MIXED_FAILED" -eq 0 ] && verdict "$MIXED_RATE" ">=" "$MIXED_BAR" || echo MISSED)$( [ "$MIXED_FAILED" -eq 0 ] || echo " ($MIXED_FAILED failed requests/dead letters)") (all events: $MIXED_ALL_RATE/s)"
 echo "(phases run:$PHASES; snapshot time: median of $SNAP_ROUNDS rounds of $SNAP_PATIENTS patients x $SNAP_ITEMS items; drain: one round of $DRAIN_EVENTS events;"
 echo " latency: median over $LAT_ROUNDS rounds of each round's p50/p99, $LAT_RATE commits/s for $LAT_TIME s; memory: peak over the"
-echo " snapshot, drain and C-CDA phases; resume delay: median of 3;"
+echo " snapshot, drain and C-CDA phases; resume delay: median of 3; mixed backlog: one round, $MIXED_PATIENTS patients x $MIXED_ITEMS items"
+echo " enrolled with the endpoint empty, then $MIXED_EVENTS incremental events, figure = those events / seconds until pending_events = 0;"
 echo " WAN: median of $WAN_ROUNDS round(s) of $WAN_EVENTS events per setting, sink holding $WAN_HOLD_MS ms, max_inflight requests in flight, so"
 echo " at most batch_size x max_inflight x $(awk -v h="$WAN_HOLD_MS" 'BEGIN { printf "%g", 1000 / h }') events/s; wire bytes WAN: sink-counted body bytes / JSON bytes over the gzip rounds;"
 echo " wire bytes nginx: bytes received (ss) - \$request_length, i.e. chunked bodies, / (events x JSON bytes per event of the WAN round"
